@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Both build .venv from this
+# project's own files first, so a fresh machine needs nothing else.
+PYTHON ?= python3
+# The torch requirement is a variable because the right build is machine
+# specific (e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cpu").
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev,train,plot
+
+.PHONY: demo test install bench clean
+
+$(VENV)/.installed-$(EXTRAS): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+demo: install
+	$(VENV)/bin/shadowgraft demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_apply.py
+	$(PY) benchmarks/bench_stats.py
+
+clean:
+	rm -rf $(VENV) demo-out bench-out *.egg-info

@@ -1,0 +1,139 @@
+"""End-to-end ``shadowgraft.apply`` against a float64 reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import shadowgraft
+from shadowgraft import ShadowgraftError
+from shadowgraft.synthetic import Shape, bert_tensors, gpt2_tensors, make_trio
+
+from .conftest import assert_exact, load
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def reference(trio, alpha):
+    i, t, b = (load(trio[k]) for k in ("instruct", "tuned", "base"))
+    return i, {n: i[n].double() + alpha * (t[n].double() - b[n].double()) for n in i}
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.37])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_graft_matches_float64_reference(tmp_path, alpha, dtype):
+    trio = make_trio(tmp_path / "in", shape=Shape(layers=2, hidden=64, intermediate=96, vocab=128), dtype=dtype, shard_bytes=60_000)
+    res = shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "out", alpha=alpha)
+    inst, ref = reference(trio, alpha)
+    got = load(tmp_path / "out")
+    assert set(got) == set(inst)
+    grafted = set(res.plan.grafted)
+    assert grafted == {n for n in inst if any(p in n for p in LINEAR)}
+    for n, y in got.items():
+        assert y.dtype == inst[n].dtype
+        if n in grafted:
+            assert_exact(y, ref[n])
+            assert not torch.equal(y, inst[n])
+        else:
+            assert torch.equal(y.view(torch.uint8), inst[n].view(torch.uint8)) if y.dtype != torch.float32 else torch.equal(y, inst[n])
+
+
+def test_sharded_output_mirrors_instruct_and_index_is_consistent(tmp_path, trio):
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "out")
+    src = json.loads((trio["instruct"] / "model.safetensors.index.json").read_text())
+    idx = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert idx["weight_map"] == src["weight_map"]
+    assert idx["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load(tmp_path / "out").values())
+    for f in set(idx["weight_map"].values()):
+        assert (tmp_path / "out" / f).stat().st_size == (trio["instruct"] / f).stat().st_size
+    assert (tmp_path / "out" / "config.json").read_text() == (trio["instruct"] / "config.json").read_text()
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    meta = json.loads((tmp_path / "out" / "shadowgraft.json").read_text())
+    assert meta["alpha"] == 1.0 and meta["scope"] == "linear" and len(meta["grafted"]) == 3 * 7
+
+
+def test_reshard_and_single_file_inputs(tmp_path, trio):
+    single = make_trio(tmp_path / "one", shape=Shape(layers=3, hidden=64, intermediate=96, vocab=128))
+    out = tmp_path / "out"
+    shadowgraft.apply(instruct=single["instruct"] / "model.safetensors", base=trio["base"], tuned=trio["tuned"], output=out,
+                      max_shard_size="100KB")
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(idx["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    got, inst = load(out), load(single["instruct"])
+    assert set(got) == set(inst)
+    # A bare file brings no config to copy.
+    assert not (out / "config.json").exists()
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    trio = make_trio(tmp_path / "in", shape=Shape(tie=True))
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "out")
+    got = load(tmp_path / "out")
+    assert "lm_head.weight" not in got
+    assert torch.equal(got["model.embed_tokens.weight"], load(trio["instruct"])["model.embed_tokens.weight"])
+
+
+def test_bert_fp32_graft(tmp_path):
+    trio = make_trio(tmp_path / "in", names=list(bert_tensors()), dtype=torch.float32)
+    res = shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "out")
+    inst, ref = reference(trio, 1.0)
+    got = load(tmp_path / "out")
+    for n in res.plan.grafted:
+        assert_exact(got[n], ref[n])
+    assert all("LayerNorm" not in n and "embeddings" not in n and "pooler" not in n for n in res.plan.grafted)
+    assert len(res.plan.grafted) == 2 * 12  # 6 linear modules x (weight, bias) x 2 layers
+
+
+def test_gpt2_scope_split(tmp_path):
+    trio = make_trio(tmp_path / "in", names=list(gpt2_tensors()), dtype=torch.float32)
+    kw = dict(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o", dry_run=True)
+    attn = set(shadowgraft.apply(**kw, scope="attn").plan.grafted)
+    mlp = set(shadowgraft.apply(**kw, scope="mlp").plan.grafted)
+    lin = set(shadowgraft.apply(**kw).plan.grafted)
+    assert attn == {f"h.{i}.attn.{m}.{p}" for i in range(2) for m in ("c_attn", "c_proj") for p in ("weight", "bias")}
+    assert mlp == {f"h.{i}.mlp.{m}.{p}" for i in range(2) for m in ("c_fc", "c_proj") for p in ("weight", "bias")}
+    assert lin == attn | mlp
+    assert not (tmp_path / "o").exists()
+
+
+def test_include_exclude(tmp_path, trio):
+    kw = dict(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o", dry_run=True)
+    only = shadowgraft.apply(**kw, include=[r"layers\.1\."], exclude=["down_proj"]).plan.grafted
+    assert sorted(only) == sorted(f"model.layers.1.{m}.weight" for m in
+                                  ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"))
+    everything = shadowgraft.apply(**kw, scope="all").plan.grafted
+    assert "model.embed_tokens.weight" in everything and "model.norm.weight" in everything
+
+
+def test_dtype_override_casts_everything(tmp_path, trio):
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o", dtype="float32")
+    inst, ref = reference(trio, 1.0)
+    got = load(tmp_path / "o")
+    assert all(t.dtype == torch.float32 for t in got.values())
+    assert torch.equal(got["model.norm.weight"], inst["model.norm.weight"].float())
+    assert_exact(got["model.layers.0.mlp.up_proj.weight"], ref["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_existing_output_refused_then_overwritten(tmp_path, trio):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ShadowgraftError, match="already exists; pass --overwrite"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=out)
+    assert (out / "keep.txt").exists()
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_shape_mismatch_names_tensor_and_leaves_nothing(tmp_path, trio):
+    other = make_trio(tmp_path / "other", shape=Shape(layers=3, hidden=64, intermediate=128, vocab=128))
+    with pytest.raises(ShadowgraftError, match=r"'model\.layers\.0\.mlp\.gate_proj\.weight': instruct \(96, 64\) != tuned \(128, 64\)"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=other["tuned"], output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # Excluding the mismatched tensors makes it go through.
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=other["tuned"], output=tmp_path / "out",
+                      exclude=["mlp"])
