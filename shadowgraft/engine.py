@@ -22,13 +22,11 @@ from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
 from .errors import ShadowgraftError
 from .header import DTYPE_BITS, TensorInfo
+from .stream import CHUNK
 from .plan import Item, LoraTerm, Plan, Shard
+from .stream import Reader
 from .writer import shard_header
 
-# 1M elements: big enough that per-chunk Python overhead vanishes next to the
-# memory traffic (~4 MB fp32 per buffer), small enough to stay in L2/L3-ish
-# territory and keep the footprint at a few tens of MB.
-CHUNK = 1 << 20
 
 
 @dataclass
@@ -44,56 +42,23 @@ class Stats:
     nonfinite: dict[str, int] = field(default_factory=dict)
 
 
-class _Buffers:
-    """Reused scratch tensors, one per role, grown only when a bigger one is asked for."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._raw: dict[str, torch.Tensor] = {}
-        self._work: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def raw(self, role: str, nbytes: int) -> torch.Tensor:
-        buf = self._raw.get(role)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._raw[role] = torch.empty(max(nbytes, 8), dtype=torch.uint8)
-        return buf[:nbytes]
-
-    def work(self, role: str, n: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self._work.get((role, dtype))
-        if buf is None or buf.numel() < n:
-            buf = self._work[(role, dtype)] = torch.empty(n, dtype=dtype, device=self.device)
-        return buf[:n]
-
-
 class Engine:
     """Runs plans against open checkpoints. One instance per run; not thread-safe."""
 
     def __init__(self, checkpoints: list[Checkpoint], *, device: str = "cpu", chunk: int = CHUNK,
                  progress: Callable[[int], None] | None = None):
-        self._owner = {f: ck for ck in checkpoints for f in ck.files}
-        self.device = torch.device(device)
+        self.reader = Reader(checkpoints, device=device)
         self.chunk = chunk
         self.progress = progress or (lambda n: None)
-        self.bufs = _Buffers(self.device)
         self.stats = Stats()
 
-    # -- reading -----------------------------------------------------------
-
     def _load(self, role: str, info: TensorInfo, start: int, n: int) -> torch.Tensor:
-        """Elements ``[start, start+n)`` of ``info`` as a tensor of its own dtype (a view of a reused buffer)."""
-        isz = DTYPE_BITS[info.dtype] // 8
-        raw = self.bufs.raw(role, n * isz)
-        self._owner[info.file].read_into(info, start * isz, raw.numpy())
-        self.stats.bytes_read += n * isz
-        return raw.view(torch_dtype(info.dtype))
+        self.stats.bytes_read += n * DTYPE_BITS[info.dtype] // 8
+        return self.reader.load(role, info, start, n)
 
     def _advise(self, item: Item | None) -> None:
-        """Ask the kernel to start reading the next item's inputs while we work on this one."""
-        if item is None or item.action == "copy":
-            return
-        for info in (item.src, *item.deltas):
-            ck = self._owner[info.file]
-            os.posix_fadvise(ck.fd(info.file), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+        if item is not None and item.action != "copy":
+            self.reader.advise(item.src, *item.deltas)
 
     # -- writing -----------------------------------------------------------
 
@@ -122,7 +87,7 @@ class Engine:
             os.close(fd)
 
     def _copy(self, first: TensorInfo, nbytes: int, out_fd: int) -> None:
-        src_fd = self._owner[first.file].fd(first.file)
+        src_fd = self.reader.fd(first)
         copy_range(src_fd, first.start, out_fd, nbytes, first)
         self.stats.bytes_read += nbytes
         self.stats.bytes_written += nbytes
@@ -146,16 +111,16 @@ class Engine:
             m = min(step, n - s)
             x = self._load("src", it.src, s, m)
             if it.action == "cast":
-                out = self.bufs.raw("out", m * osz).view(out_dt)
+                out = self.reader.raw("out", m * osz).view(out_dt)
                 out.copy_(x)
             else:
-                acc = self.bufs.work("acc", m, wd)
+                acc = self.reader.work("acc", m, wd)
                 acc.copy_(x)
                 if it.deltas:
-                    d = self.bufs.work("d", m, wd)
+                    d = self.reader.work("d", m, wd)
                     d.copy_(self._load("d0", it.deltas[0], s, m))
                     if len(it.deltas) == 2:
-                        b = self.bufs.work("b", m, wd)
+                        b = self.reader.work("b", m, wd)
                         b.copy_(self._load("d1", it.deltas[1], s, m))
                         d.sub_(b)
                     acc.add_(d, alpha=alpha)
@@ -163,7 +128,7 @@ class Engine:
                     acc.add_(self._lora_rows(it, s, m, wd), alpha=alpha)
                 if not math.isfinite(float(acc.sum())):
                     bad += int((~torch.isfinite(acc)).sum())
-                out = self.bufs.raw("out", m * osz).view(out_dt)
+                out = self.reader.raw("out", m * osz).view(out_dt)
                 out.copy_(acc)
             _write_all(out_fd, out.view(torch.uint8).numpy())
             self.stats.bytes_written += m * osz

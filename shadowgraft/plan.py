@@ -157,6 +157,7 @@ def items_with(instruct: Checkpoint, dtype: str | None, lora: dict[str, LoraTerm
 
 
 def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: list[str]) -> None:
+    missing: dict[str, list[str]] = {}
     problems = []
     for n in chosen:
         t = instruct[n]
@@ -165,11 +166,13 @@ def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: 
             continue
         for label, ck in sources.items():
             if n not in ck:
-                problems.append(f"'{n}' is missing from {label} ({ck.source})")
+                missing.setdefault(label, []).append(n)
             elif ck[n].shape != t.shape:
                 problems.append(f"'{n}': instruct {tuple(t.shape)} != {label} {tuple(ck[n].shape)}")
             elif not ck[n].is_float:
                 problems.append(f"'{n}' is {ck[n].dtype} in {label}, which cannot be grafted")
+    for label, names in missing.items():
+        problems.insert(0, f"{len(names)} tensor(s) missing from {label} ({sources[label].source}): {_names(names)}")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ShadowgraftError("; ".join(problems[:3]) + more + "; exclude them with --exclude REGEX or fix the inputs")

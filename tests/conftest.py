@@ -53,3 +53,17 @@ def assert_exact(got: torch.Tensor, ref64: torch.Tensor, *, min_exact: float = 0
 def trio(tmp_path):
     """A sharded bf16 Llama-shaped base/instruct/tuned trio."""
     return make_trio(tmp_path / "in", shape=Shape(layers=3, hidden=64, intermediate=96, vocab=128), shard_bytes=120_000)
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``shadowgraft ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from shadowgraft.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

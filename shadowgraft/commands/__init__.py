@@ -1,0 +1,1 @@
+"""One module per `shadowgraft` subcommand, each defining a click `command`."""

@@ -1,0 +1,69 @@
+"""`shadowgraft apply`."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import MODEL_HELP, err, human, out, print_plan, progress_bar
+
+
+@click.command("apply")
+@click.option("--instruct", required=True, help=f"Model to graft onto ({MODEL_HELP}).")
+@click.option("--base", help="Model the tuned one was fine-tuned from.")
+@click.option("--tuned", help="Fine-tuned base model.")
+@click.option("--delta", help="A delta folder written by `shadowgraft diff`.")
+@click.option("--adapter", help="A PEFT LoRA adapter trained on base.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (created atomically).")
+@click.option("--alpha", default=1.0, show_default=True, type=float, help="Scale of the grafted change.")
+@click.option("--scope", default="linear", show_default=True, type=click.Choice(["linear", "attn", "mlp", "all"]),
+              help="Which tensors are grafted: block matrices and their biases, attention or MLP ones only, or all.")
+@click.option("--include", multiple=True, metavar="REGEX", help="Only graft names matching one of these (repeatable).")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Never graft names matching these (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--dtype", default="auto", show_default=True, help="Output dtype: auto keeps instruct's per tensor.")
+@click.option("--max-shard-size", default=None, help="e.g. 5GB; default mirrors instruct's shards.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--strict", is_flag=True, help="Fail if any grafted value is NaN or Inf.")
+@click.option("--push-to-hub", metavar="REPO_ID", help="Upload the result to this Hub repo afterwards.")
+@click.option("--private", is_flag=True, help="Create the Hub repo as private.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def command(quiet: bool, **kw) -> None:
+    """Graft W_instruct + alpha * (W_tuned - W_base), a delta, or a LoRA adapter, into a new folder."""
+    from .. import graft
+
+    bar = progress_bar(quiet)
+    dry = kw["dry_run"]
+
+    def on_plan(plan):
+        if dry:
+            print_plan(plan)
+        elif not quiet:
+            for w in plan.warnings:
+                err.print(f"[yellow]warning:[/] {w}")
+        if bar is not None and not dry:
+            bar.start()
+            on_plan.task = bar.add_task("grafting", total=plan.nbytes)
+
+    progress = (lambda n: bar.advance(on_plan.task, n)) if bar is not None else None
+    try:
+        res = graft.apply(**kw, progress=progress, on_plan=on_plan)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if dry or quiet:
+        return
+    s = res.stats
+    from rich.table import Table
+
+    t = Table(title=f"grafted into {res.output}")
+    for col in ("grafted", "copied", "cast", "written", "seconds", "GB/s"):
+        t.add_column(col, justify="right")
+    t.add_row(str(s.grafted), str(s.copied), str(s.cast), human(s.bytes_written), f"{s.seconds:.2f}",
+              f"{s.bytes_written / max(s.seconds, 1e-9) / 1e9:.2f}")
+    out.print(t)
+    if s.nonfinite:
+        err.print(f"[yellow]warning:[/] NaN/Inf values in {len(s.nonfinite)} grafted tensor(s): "
+                  + ", ".join(f"{k} ({v})" for k, v in list(s.nonfinite.items())[:3]))
+    if res.url:
+        out.print(f"pushed to {res.url}")

@@ -1,0 +1,51 @@
+"""Planning: shard layout, sizes, selection, refusals."""
+
+import pytest
+
+from shadowgraft import Checkpoint, ShadowgraftError
+from shadowgraft.plan import parse_size, plan_graft, select
+from shadowgraft.synthetic import Shape, make_trio
+
+
+@pytest.mark.parametrize("text,n", [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("2kb", 2000), ("123", 123), ("1.5GB", 1_500_000_000)])
+def test_parse_size(text, n):
+    assert parse_size(text) == n
+
+
+def test_parse_size_rejects_garbage():
+    with pytest.raises(ShadowgraftError, match="size 'lots' not understood"):
+        parse_size("lots")
+
+
+def test_reshard_respects_limit_and_keeps_alignment(tmp_path):
+    trio = make_trio(tmp_path, shape=Shape(layers=2))
+    ins, base, tuned = (Checkpoint.open(trio[k]) for k in ("instruct", "base", "tuned"))
+    plan = plan_graft(ins, base=base, tuned=tuned, max_shard_size=50_000, dtype=None)
+    assert len(plan.shards) > 1
+    for s in plan.shards:
+        assert s.nbytes <= 50_000 or len(s.items) == 1
+        widths = [i.nbytes // max(i.src.numel, 1) for i in s.items]
+        assert widths == sorted(widths, reverse=True)
+    assert [i.name for i in plan.items] != [] and sorted(i.name for i in plan.items) == sorted(ins.tensors)
+
+
+def test_select_rejects_bad_regex(tmp_path):
+    trio = make_trio(tmp_path)
+    with pytest.raises(ShadowgraftError, match=r"--include '\(' is not a valid regular expression"):
+        select(Checkpoint.open(trio["instruct"]), include=["("])
+
+
+def test_missing_tensor_in_base_is_named(tmp_path):
+    trio = make_trio(tmp_path / "a", shape=Shape(layers=2))
+    short = make_trio(tmp_path / "b", shape=Shape(layers=1))
+    ins, tuned = Checkpoint.open(trio["instruct"]), Checkpoint.open(trio["tuned"])
+    with pytest.raises(ShadowgraftError, match=r"^7 tensor\(s\) missing from base \(.*/b/base\): model\.layers\.1\.mlp\.down_proj\.weight, .*, \.\.\.; exclude them with --exclude REGEX"):
+        plan_graft(ins, base=Checkpoint.open(short["base"]), tuned=tuned)
+
+
+def test_tensors_only_in_tuned_are_warned(tmp_path):
+    big = make_trio(tmp_path / "a", shape=Shape(layers=2))
+    small = make_trio(tmp_path / "b", shape=Shape(layers=1))
+    plan = plan_graft(Checkpoint.open(small["instruct"]), base=Checkpoint.open(big["base"]), tuned=Checkpoint.open(big["tuned"]))
+    assert any(w.startswith("9 tensor(s) only in base are ignored") for w in plan.warnings)
+    assert any(w.startswith("9 tensor(s) only in tuned are ignored") for w in plan.warnings)
