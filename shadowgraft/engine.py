@@ -1,20 +1,28 @@
 """Execute a plan: stream every output tensor to disk in bounded fp32 chunks.
 
 Memory stays flat whatever the model size: inputs are read with ``pread``
-into a handful of reused chunk buffers (no mmap pages pile up in RSS), each
-chunk is upcast into reused fp32 buffers, combined in place, rounded once to
-the output dtype and written straight to the shard. Untouched tensors never
+into a few reused chunk buffers (no mmap pages pile up in RSS), each chunk
+is upcast into reused work buffers, combined in place, rounded once to the
+output dtype and written straight to the shard. Untouched tensors never
 enter Python: their byte ranges are copied by the kernel.
+
+Three stages overlap, each on its own thread, joined by small bounded
+queues: reading chunk k+1, computing chunk k, writing chunk k-1. The GIL is
+released in every syscall and torch kernel, so the stages really run at
+once; on CUDA the compute stage uploads from pinned buffers and downloads
+into pinned buffers, and the writer waits on an event before writing.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
+from contextlib import nullcontext
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,11 +30,13 @@ from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
 from .errors import ShadowgraftError
 from .header import DTYPE_BITS, TensorInfo
-from .stream import CHUNK
-from .plan import Item, LoraTerm, Plan, Shard
-from .stream import Reader
+from .plan import Item, LoraTerm, Shard
+from .stream import CHUNK, Reader
 from .writer import shard_header
 
+# Buffer sets in flight between stages: one being filled, one being
+# computed, one being written. More does not help on a warm page cache.
+DEPTH = 3
 
 
 @dataclass
@@ -42,110 +52,262 @@ class Stats:
     nonfinite: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Op:
+    """One unit of pipeline work: a kernel copy of a byte run, or one chunk of one tensor."""
+
+    kind: str  # "copy" | "chunk"
+    item: Item | None = None
+    first: TensorInfo | None = None  # copy: where the run starts
+    nbytes: int = 0  # copy: run length
+    start: int = 0  # chunk: first element
+    n: int = 0  # chunk: element count
+    last: bool = False  # chunk: last chunk of its tensor
+    inputs: dict[str, torch.Tensor] | None = None
+    out: torch.Tensor | None = None
+    slot: int = 0
+    event: object = None
+
+
+def wants_float64(it: Item) -> bool:
+    """fp32 has twice the mantissa of a 16-bit input, so one final rounding is (almost
+    always) the correctly rounded result; fp32 inputs need fp64 for the same guarantee."""
+    return bool({it.src.dtype, it.dtype, *(d.dtype for d in it.deltas)} & {"F32", "F64"})
+
+
 class Engine:
-    """Runs plans against open checkpoints. One instance per run; not thread-safe."""
+    """Runs shards of a plan against open checkpoints. One instance per run."""
 
     def __init__(self, checkpoints: list[Checkpoint], *, device: str = "cpu", chunk: int = CHUNK,
                  progress: Callable[[int], None] | None = None):
-        self.reader = Reader(checkpoints, device=device)
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.reader = Reader(checkpoints, device=self.device, chunk=chunk, pinned=self.cuda)
         self.chunk = chunk
         self.progress = progress or (lambda n: None)
         self.stats = Stats()
+        self._lora_cache: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        self._bad = 0
+        self._bad_dev = 0
+        if self.cuda:
+            self._stream = torch.cuda.Stream(self.device)
 
-    def _load(self, role: str, info: TensorInfo, start: int, n: int) -> torch.Tensor:
-        self.stats.bytes_read += n * DTYPE_BITS[info.dtype] // 8
-        return self.reader.load(role, info, start, n)
+    # -- planning the op stream ---------------------------------------------
 
-    def _advise(self, item: Item | None) -> None:
-        if item is not None and item.action != "copy":
-            self.reader.advise(item.src, *item.deltas)
+    def _ops(self, shard: Shard) -> Iterator[_Op]:
+        items = shard.items
+        k = 0
+        while k < len(items):
+            it = items[k]
+            if it.action == "copy":
+                # Merge runs of byte-adjacent copies into one kernel call.
+                j = k + 1
+                while (j < len(items) and items[j].action == "copy" and items[j].src.file == it.src.file
+                       and items[j].src.start == items[j - 1].src.end):
+                    j += 1
+                self.stats.copied += j - k
+                yield _Op("copy", first=it.src, nbytes=items[j - 1].src.end - it.src.start)
+                k = j
+                continue
+            step = self._step(it)
+            n = it.src.numel
+            for s in range(0, n, step):
+                yield _Op("chunk", item=it, start=s, n=min(step, n - s), last=s + step >= n)
+            if n == 0:
+                yield _Op("chunk", item=it, start=0, n=0, last=True)
+            k += 1
 
-    # -- writing -----------------------------------------------------------
+    def _step(self, it: Item) -> int:
+        if it.lora is None:
+            return self.chunk
+        # Low-rank terms are computed a row block at a time.
+        cols = max(it.src.shape[-1] if it.src.shape else 1, 1)
+        return max(cols, (self.chunk // cols) * cols)
+
+    # -- the three stages -----------------------------------------------------
+
+    def _read(self, op: _Op) -> None:
+        it, r = op.item, self.reader
+        op.inputs = {"src": r.load(f"src{op.slot}", it.src, op.start, op.n)}
+        for j, d in enumerate(it.deltas):
+            op.inputs[f"d{j}"] = r.load(f"d{j}{op.slot}", d, op.start, op.n)
+        self.stats.bytes_read += sum(x.numel() * x.element_size() for x in op.inputs.values())
+
+    def _compute(self, op: _Op, alpha: float) -> None:
+        it, r, m = op.item, self.reader, op.n
+        out_dt, osz = torch_dtype(it.dtype), DTYPE_BITS[it.dtype] // 8
+        host_out = r.raw(f"out{op.slot}", m * osz).view(out_dt)
+        x = self._dev(op.inputs["src"], "src")
+        if it.action == "cast":
+            res = x
+        else:
+            wd = torch.float64 if wants_float64(it) else torch.float32
+            acc = r.work("acc", m, wd)
+            acc.copy_(x)
+            if it.deltas:
+                d = r.work("d", m, wd)
+                d.copy_(self._dev(op.inputs["d0"], "d0"))
+                if len(it.deltas) == 2:
+                    b = r.work("b", m, wd)
+                    b.copy_(self._dev(op.inputs["d1"], "d1"))
+                    d.sub_(b)
+                acc.add_(d, alpha=alpha)
+            if it.lora is not None:
+                acc.add_(self._lora_rows(it, op.start, m, wd), alpha=alpha)
+            if self.cuda:
+                # Counted on the device; reading it back each chunk would stall the stream.
+                self._bad_dev = self._bad_dev + (~torch.isfinite(acc)).sum()
+            elif m and not math.isfinite(float(acc.sum())):
+                # One reduction is far cheaper than isfinite() on every chunk;
+                # only a non-finite sum triggers the exact count.
+                self._bad += int((~torch.isfinite(acc)).sum())
+            res = acc
+        if self.cuda:
+            dev_out = r.work("out", m, out_dt)
+            dev_out.copy_(res)
+            host_out.copy_(dev_out, non_blocking=True)
+            op.event = torch.cuda.Event()
+            op.event.record()
+        else:
+            host_out.copy_(res)
+        op.out = host_out
+        if op.last:
+            if self.cuda:
+                self._bad += int(self._bad_dev)
+                self._bad_dev = 0
+            if self._bad:
+                self.stats.nonfinite[it.name] = self._bad
+            self._bad = 0
+            if it.action == "cast":
+                self.stats.cast += 1
+            else:
+                self.stats.grafted += 1
+
+    def _dev(self, x: torch.Tensor, role: str) -> torch.Tensor:
+        if not self.cuda:
+            return x
+        return x.to(self.device, non_blocking=True)
+
+    def _write(self, op: _Op, fd: int) -> None:
+        if op.kind == "copy":
+            copy_range(self.reader.fd(op.first), op.first.start, fd, op.nbytes, op.first)
+            self.stats.bytes_read += op.nbytes
+            n = op.nbytes
+        else:
+            if op.event is not None:
+                op.event.synchronize()
+            _write_all(fd, op.out.view(torch.uint8).numpy())
+            n = op.out.numel() * op.out.element_size()
+        self.stats.bytes_written += n
+        self.progress(n)
+
+    # -- driving --------------------------------------------------------------
 
     def write_shard(self, shard: Shard, path: Path, alpha: float) -> None:
+        """Write one output file: header, then every tensor in ``shard`` order."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(fd, shard_header(shard))
-            items = shard.items
-            k = 0
-            while k < len(items):
-                self._advise(items[k + 1] if k + 1 < len(items) else None)
-                it = items[k]
-                if it.action == "copy":
-                    # Merge runs of byte-adjacent copies into one kernel call.
-                    j = k + 1
-                    while j < len(items) and items[j].action == "copy" and items[j].src.file == it.src.file and items[j].src.start == items[j - 1].src.end:
-                        j += 1
-                    n = items[j - 1].src.end - it.src.start
-                    self._copy(it.src, n, fd)
-                    self.stats.copied += j - k
-                    k = j
-                    continue
-                self._compute(it, alpha, fd)
-                k += 1
+            self._pipeline(self._ops(shard), fd, alpha)
         finally:
             os.close(fd)
 
-    def _copy(self, first: TensorInfo, nbytes: int, out_fd: int) -> None:
-        src_fd = self.reader.fd(first)
-        copy_range(src_fd, first.start, out_fd, nbytes, first)
-        self.stats.bytes_read += nbytes
-        self.stats.bytes_written += nbytes
-        self.progress(nbytes)
+    def _pipeline(self, ops: Iterator[_Op], fd: int, alpha: float) -> None:
+        free: queue.Queue[int] = queue.Queue()
+        for s in range(DEPTH):
+            free.put(s)
+        to_compute: queue.Queue = queue.Queue(DEPTH)
+        to_write: queue.Queue = queue.Queue(DEPTH)
+        stop = threading.Event()
+        errors: list[BaseException] = []
 
-    def _compute(self, it: Item, alpha: float, out_fd: int) -> None:
-        n = it.src.numel
-        dtypes = {it.src.dtype, it.dtype, *(d.dtype for d in it.deltas)}
-        # fp32 has 2x the mantissa of a 16-bit input, so one final rounding is
-        # (almost always) the correctly rounded result; fp32 inputs need fp64
-        # for the same guarantee.
-        wd = torch.float64 if dtypes & {"F32", "F64"} else torch.float32
-        out_dt, osz = torch_dtype(it.dtype), DTYPE_BITS[it.dtype] // 8
-        step = self.chunk
-        if it.lora is not None:
-            # Low-rank terms are computed a row block at a time.
-            cols = it.src.shape[-1] if it.src.shape else 1
-            step = max(cols, (self.chunk // max(cols, 1)) * cols)
-        bad = 0
-        for s in range(0, n, step):
-            m = min(step, n - s)
-            x = self._load("src", it.src, s, m)
-            if it.action == "cast":
-                out = self.reader.raw("out", m * osz).view(out_dt)
-                out.copy_(x)
-            else:
-                acc = self.reader.work("acc", m, wd)
-                acc.copy_(x)
-                if it.deltas:
-                    d = self.reader.work("d", m, wd)
-                    d.copy_(self._load("d0", it.deltas[0], s, m))
-                    if len(it.deltas) == 2:
-                        b = self.reader.work("b", m, wd)
-                        b.copy_(self._load("d1", it.deltas[1], s, m))
-                        d.sub_(b)
-                    acc.add_(d, alpha=alpha)
-                if it.lora is not None:
-                    acc.add_(self._lora_rows(it, s, m, wd), alpha=alpha)
-                if not math.isfinite(float(acc.sum())):
-                    bad += int((~torch.isfinite(acc)).sum())
-                out = self.reader.raw("out", m * osz).view(out_dt)
-                out.copy_(acc)
-            _write_all(out_fd, out.view(torch.uint8).numpy())
-            self.stats.bytes_written += m * osz
-            self.progress(m * osz)
-        if bad:
-            self.stats.nonfinite[it.name] = bad
-        if it.action == "cast":
-            self.stats.cast += 1
-        else:
-            self.stats.grafted += 1
+        def put(q: queue.Queue, x) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(x, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def get(q: queue.Queue):
+            while not stop.is_set():
+                try:
+                    return q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            return None
+
+        def reader() -> None:
+            try:
+                for op in ops:
+                    if op.kind == "chunk":
+                        slot = get(free)
+                        if slot is None:
+                            return
+                        op.slot = slot
+                        self._read(op)
+                    if not put(to_compute, op):
+                        return
+                put(to_compute, None)
+            except BaseException as e:  # handed to the caller's thread
+                errors.append(e)
+                stop.set()
+
+        def writer() -> None:
+            try:
+                while True:
+                    op = get(to_write)
+                    if op is None:
+                        return
+                    if op is _DONE:
+                        return
+                    self._write(op, fd)
+                    if op.kind == "chunk":
+                        free.put(op.slot)
+            except BaseException as e:
+                errors.append(e)
+                stop.set()
+
+        threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+        # The reader and writer threads each keep a core busy with copies;
+        # more intra-op threads than the cores left only contend with them.
+        saved = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) - 2)))
+        for t in threads:
+            t.start()
+        try:
+            stream = torch.cuda.stream(self._stream) if self.cuda else nullcontext()
+            with stream:
+                while True:
+                    op = get(to_compute)
+                    if op is None:
+                        break
+                    if op.kind == "chunk":
+                        self._compute(op, alpha)
+                    if not put(to_write, op):
+                        break
+            put(to_write, _DONE)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            for t in threads:
+                t.join() if not stop.is_set() else t.join(timeout=5)
+            stop.set()
+            torch.set_num_threads(saved)
+        if errors:
+            raise errors[0]
 
     def _lora_rows(self, it: Item, start: int, n: int, wd: torch.dtype) -> torch.Tensor:
         """``scale * (B @ A)`` for the weight's flat elements ``[start, start+n)`` (whole rows)."""
         lo: LoraTerm = it.lora
-        ck = lo.adapter
-        a = ck.view(lo.a.name).to(wd)
-        b = ck.view(lo.b.name).to(wd)
+        if self._lora_cache is None or self._lora_cache[0] != it.name:
+            ck = lo.adapter
+            a = ck.view(lo.a.name).to(self.device, wd)
+            b = ck.view(lo.b.name).to(self.device, wd)
+            self._lora_cache = (it.name, a, b)
+        _, a, b = self._lora_cache
         cols = it.src.shape[-1]
         r0, r1 = start // cols, (start + n) // cols
         if lo.transpose:
@@ -154,6 +316,9 @@ class Engine:
         else:
             rows = b[r0:r1] @ a
         return rows.reshape(-1).mul_(lo.scale)
+
+
+_DONE = object()
 
 
 def _write_all(fd: int, buf) -> None:

@@ -30,8 +30,11 @@ class Reader:
     ...     x = r.load("a", info, start, n)                # a view, valid until the next load("a")
     """
 
-    def __init__(self, checkpoints: list[Checkpoint], *, device: str | torch.device = "cpu", chunk: int = CHUNK):
+    def __init__(self, checkpoints: list[Checkpoint], *, device: str | torch.device = "cpu", chunk: int = CHUNK,
+                 pinned: bool = False):
         self._owner = {f: ck for ck in checkpoints for f in ck.files}
+        # Page-locked host buffers let CUDA copies run asynchronously.
+        self.pinned = pinned
         self.device = torch.device(device)
         self.chunk = chunk
         self._raw: dict[str, torch.Tensor] = {}
@@ -47,7 +50,7 @@ class Reader:
         """A reused host byte buffer of at least ``nbytes`` for ``role``."""
         buf = self._raw.get(role)
         if buf is None or buf.numel() < nbytes:
-            buf = self._raw[role] = torch.empty(max(nbytes, 8), dtype=torch.uint8)
+            buf = self._raw[role] = torch.empty(max(nbytes, 8), dtype=torch.uint8, pin_memory=self.pinned)
         return buf[:nbytes]
 
     def work(self, role: str, n: int, dtype: torch.dtype) -> torch.Tensor:
