@@ -48,7 +48,7 @@ def progress_bar(quiet: bool):
                     TimeRemainingColumn(), console=err, transient=True)
 
 
-def print_plan(plan, verbose: bool = True) -> None:
+def print_plan(plan, verbose: bool = False) -> None:
     from rich.table import Table
 
     t = Table(title="plan", show_lines=False)
@@ -58,7 +58,8 @@ def print_plan(plan, verbose: bool = True) -> None:
         for i in s.items:
             if verbose or i.action != "copy":
                 t.add_row(i.name, i.action, i.dtype, "x".join(map(str, i.shape)) or "scalar", human(i.nbytes))
-    out.print(t)
+    if t.row_count:
+        out.print(t)
     out.print(f"{plan.count('graft')} graft, {plan.count('copy')} copy, {plan.count('cast')} cast; "
               f"{len(plan.shards)} shard(s), {human(plan.nbytes)} to write")
     for w in plan.warnings:
@@ -82,11 +83,13 @@ _register()
 
 def _on_sigterm(signum, frame):
     # Turn SIGTERM into the same unwinding as Ctrl-C so temporary output is removed.
+    _state["signal"] = signum
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _state.pop("signal", None)
     try:
         cli.main(args=argv, prog_name="shadowgraft", standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -95,19 +98,36 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        err.print("interrupted; nothing was written")
-        sys.exit(130)
+        err.print("interrupted; unfinished output was removed")
+        sys.exit(128 + _state.get("signal", signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
     except (ShadowgraftError, OSError) as e:
         if _state["debug"]:
             raise
-        err.print(f"[red]error:[/] {_one_line(e)}", soft_wrap=True)
+        print_error(_one_line(e))
         sys.exit(1)
+    except Exception as e:  # a bug, but still one line; --debug shows the traceback
+        if _state["debug"]:
+            raise
+        print_error(f"{_one_line(e)} ({type(e).__name__}; this is a bug: rerun with --debug and report it)")
+        sys.exit(1)
+
+
+def print_error(line: str) -> None:
+    """``error: line`` on stderr, with no rich markup or emoji taken from the (untrusted) text."""
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/] {escape(line)}", soft_wrap=True, emoji=False)
 
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e):
-        return f"{e.filename}: {e.strerror or e}"
-    return " ".join(str(e).split())
+        text = f"{e.filename}: {e.strerror or e}"
+    else:
+        text = " ".join(str(e).split())
+    # Tensor and file names come from strangers' files: escape control
+    # characters rather than send them to the terminal, and bound the length.
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return text if len(text) <= 2000 else text[:1200] + " ... " + text[-600:]
 
 
 if __name__ == "__main__":

@@ -57,14 +57,14 @@ class _Op:
     """One unit of pipeline work: a kernel copy of a byte run, or one chunk of one tensor."""
 
     kind: str  # "copy" | "chunk"
-    item: Item | None = None
+    items: tuple[Item, ...] = ()  # chunk: the same tensor in each output
     first: TensorInfo | None = None  # copy: where the run starts
     nbytes: int = 0  # copy: run length
     start: int = 0  # chunk: first element
     n: int = 0  # chunk: element count
     last: bool = False  # chunk: last chunk of its tensor
     inputs: dict[str, torch.Tensor] | None = None
-    out: torch.Tensor | None = None
+    outs: list[torch.Tensor] = field(default_factory=list)
     slot: int = 0
     event: object = None
 
@@ -94,11 +94,12 @@ class Engine:
 
     # -- planning the op stream ---------------------------------------------
 
-    def _ops(self, shard: Shard) -> Iterator[_Op]:
-        items = shard.items
+    def _ops(self, shards: list[Shard]) -> Iterator[_Op]:
+        items = shards[0].items
         k = 0
         while k < len(items):
             it = items[k]
+            group = tuple(s.items[k] for s in shards)
             if it.action == "copy":
                 # Merge runs of byte-adjacent copies into one kernel call.
                 j = k + 1
@@ -112,9 +113,9 @@ class Engine:
             step = self._step(it)
             n = it.src.numel
             for s in range(0, n, step):
-                yield _Op("chunk", item=it, start=s, n=min(step, n - s), last=s + step >= n)
+                yield _Op("chunk", items=group, start=s, n=min(step, n - s), last=s + step >= n)
             if n == 0:
-                yield _Op("chunk", item=it, start=0, n=0, last=True)
+                yield _Op("chunk", items=group, start=0, n=0, last=True)
             k += 1
 
     def _step(self, it: Item) -> int:
@@ -127,17 +128,37 @@ class Engine:
     # -- the three stages -----------------------------------------------------
 
     def _read(self, op: _Op) -> None:
-        it, r = op.item, self.reader
-        op.inputs = {"src": r.load(f"src{op.slot}", it.src, op.start, op.n)}
-        for j, d in enumerate(it.deltas):
-            op.inputs[f"d{j}"] = r.load(f"d{j}{op.slot}", d, op.start, op.n)
+        """Fill the op's slot with its inputs; an input shared by every output (instruct, base) is read once."""
+        r, slot = self.reader, op.slot
+        op.inputs = {}
+        for j, it in enumerate(op.items):
+            for role, info in (("src", it.src), *((f"d{i}", d) for i, d in enumerate(it.deltas))):
+                shared = role == "src" or (role == "d1" and all(o.deltas[1] == info for o in op.items))
+                key = role if shared else f"{role}.{j}"
+                if key not in op.inputs:
+                    op.inputs[key] = r.load(f"{key}@{slot}", info, op.start, op.n)
         self.stats.bytes_read += sum(x.numel() * x.element_size() for x in op.inputs.values())
 
     def _compute(self, op: _Op, alpha: float) -> None:
-        it, r, m = op.item, self.reader, op.n
+        op.outs = [self._compute_one(op, j, it, alpha) for j, it in enumerate(op.items)]
+        if op.last:
+            it = op.items[0]
+            if self.cuda:
+                self._bad += int(self._bad_dev)
+                self._bad_dev = 0
+            if self._bad:
+                self.stats.nonfinite[it.name] = self._bad
+            self._bad = 0
+            if it.action == "cast":
+                self.stats.cast += 1
+            else:
+                self.stats.grafted += 1
+
+    def _compute_one(self, op: _Op, j: int, it: Item, alpha: float) -> torch.Tensor:
+        r, m, inp = self.reader, op.n, op.inputs
         out_dt, osz = torch_dtype(it.dtype), DTYPE_BITS[it.dtype] // 8
-        host_out = r.raw(f"out{op.slot}", m * osz).view(out_dt)
-        x = self._dev(op.inputs["src"], "src")
+        host_out = r.raw(f"out.{j}@{op.slot}", m * osz).view(out_dt)
+        x = self._dev(inp["src"])
         if it.action == "cast":
             res = x
         else:
@@ -146,10 +167,10 @@ class Engine:
             acc.copy_(x)
             if it.deltas:
                 d = r.work("d", m, wd)
-                d.copy_(self._dev(op.inputs["d0"], "d0"))
+                d.copy_(self._dev(inp[f"d0.{j}"]))
                 if len(it.deltas) == 2:
                     b = r.work("b", m, wd)
-                    b.copy_(self._dev(op.inputs["d1"], "d1"))
+                    b.copy_(self._dev(inp.get("d1", inp.get(f"d1.{j}"))))
                     d.sub_(b)
                 acc.add_(d, alpha=alpha)
             if it.lora is not None:
@@ -170,49 +191,54 @@ class Engine:
             op.event.record()
         else:
             host_out.copy_(res)
-        op.out = host_out
-        if op.last:
-            if self.cuda:
-                self._bad += int(self._bad_dev)
-                self._bad_dev = 0
-            if self._bad:
-                self.stats.nonfinite[it.name] = self._bad
-            self._bad = 0
-            if it.action == "cast":
-                self.stats.cast += 1
-            else:
-                self.stats.grafted += 1
+        return host_out
 
-    def _dev(self, x: torch.Tensor, role: str) -> torch.Tensor:
+    def _dev(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
             return x
         return x.to(self.device, non_blocking=True)
 
-    def _write(self, op: _Op, fd: int) -> None:
+    def _write(self, op: _Op, fds: list[int]) -> None:
         if op.kind == "copy":
-            copy_range(self.reader.fd(op.first), op.first.start, fd, op.nbytes, op.first)
+            src = self.reader.fd(op.first)
+            for fd in fds:
+                copy_range(src, op.first.start, fd, op.nbytes, op.first)
             self.stats.bytes_read += op.nbytes
             n = op.nbytes
         else:
             if op.event is not None:
                 op.event.synchronize()
-            _write_all(fd, op.out.view(torch.uint8).numpy())
-            n = op.out.numel() * op.out.element_size()
-        self.stats.bytes_written += n
-        self.progress(n)
+            for fd, out in zip(fds, op.outs):
+                _write_all(fd, out.view(torch.uint8).numpy())
+            n = op.outs[0].numel() * op.outs[0].element_size()
+        self.stats.bytes_written += n * len(fds)
+        self.progress(n * len(fds))
 
     # -- driving --------------------------------------------------------------
 
     def write_shard(self, shard: Shard, path: Path, alpha: float) -> None:
         """Write one output file: header, then every tensor in ``shard`` order."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, shard_header(shard))
-            self._pipeline(self._ops(shard), fd, alpha)
-        finally:
-            os.close(fd)
+        self.write_shards([shard], [path], alpha)
 
-    def _pipeline(self, ops: Iterator[_Op], fd: int, alpha: float) -> None:
+    def write_shards(self, shards: list[Shard], paths: list[Path], alpha: float) -> None:
+        """Write the same shard of several outputs (one per tuned model) in one pass over the inputs.
+
+        The shards must list the same tensors in the same order; tensors they
+        share (instruct, base) are read once for all of them.
+        """
+        if any([i.name for i in s.items] != [i.name for i in shards[0].items] for s in shards):
+            raise ValueError("write_shards needs shards with the same layout")
+        fds: list[int] = []
+        try:
+            for shard, path in zip(shards, paths):
+                fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                _write_all(fds[-1], shard_header(shard))
+            self._pipeline(self._ops(shards), fds, alpha)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _pipeline(self, ops: Iterator[_Op], fds: list[int], alpha: float) -> None:
         free: queue.Queue[int] = queue.Queue()
         for s in range(DEPTH):
             free.put(s)
@@ -262,7 +288,7 @@ class Engine:
                         return
                     if op is _DONE:
                         return
-                    self._write(op, fd)
+                    self._write(op, fds)
                     if op.kind == "chunk":
                         free.put(op.slot)
             except BaseException as e:

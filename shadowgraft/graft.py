@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+import shlex
 import sys
 import time
 from contextlib import ExitStack
@@ -24,10 +27,11 @@ from .writer import OutputDir, copy_side_files, index_json
 class Result:
     """What ``apply`` did: the plan it followed, run statistics, and where the output is."""
 
-    plan: Plan
+    plan: Plan | None
     output: Path | None
     stats: Stats = field(default_factory=Stats)
     url: str | None = None
+    outputs: list[Path] = field(default_factory=list)  # one per tuned checkpoint
 
 
 def apply(
@@ -66,59 +70,120 @@ def apply(
     out_dtype = parse_dtype(dtype)
     shard_size = parse_size(max_shard_size)
     dev = _pick_device(device)
-    outdir = OutputDir(Path(output), overwrite=overwrite)
-    if not dry_run:
-        outdir.check()
+    tuned_specs = expand_tuned(tuned) if tuned is not None else [None]
+    many = len(tuned_specs) > 1
+    if many and not dry_run:
+        Path(output).mkdir(parents=True, exist_ok=True)
+    elif not dry_run:
+        OutputDir(Path(output), overwrite=overwrite).check()
+    kw = dict(alpha=alpha, scope=scope, include=include, exclude=exclude, dtype=out_dtype, max_shard_size=shard_size)
     with ExitStack() as stack:
         ins = stack.enter_context(Checkpoint.open(instruct))
-        inputs = {"instruct": ins}
+        shared = {"instruct": ins}
+        jobs: list[tuple[dict, Plan, OutputDir]] = []
+        failed: list[str] = []
         if adapter is not None:
             from .lora import open_adapter, plan_adapter
 
             ad = open_adapter(adapter)
-            inputs["adapter"] = ad
-            plan = plan_adapter(ins, ad, alpha=alpha, scope=scope, include=include, exclude=exclude,
-                                dtype=out_dtype, max_shard_size=shard_size)
+            shared["adapter"] = ad
+            jobs.append(({}, plan_adapter(ins, ad, **kw), OutputDir(Path(output), overwrite=overwrite)))
+        elif delta is not None:
+            shared["delta"] = stack.enter_context(Checkpoint.open(delta))
+            jobs.append(({}, plan_graft(ins, delta=shared["delta"], **kw), OutputDir(Path(output), overwrite=overwrite)))
         else:
-            for label, spec in (("base", base), ("tuned", tuned), ("delta", delta)):
-                if spec is not None:
-                    inputs[label] = stack.enter_context(Checkpoint.open(spec))
-            plan = plan_graft(ins, base=inputs.get("base"), tuned=inputs.get("tuned"), delta=inputs.get("delta"),
-                              alpha=alpha, scope=scope, include=include, exclude=exclude,
-                              dtype=out_dtype, max_shard_size=shard_size)
-        if on_plan is not None:
-            on_plan(plan)
-        if dry_run:
-            return Result(plan, None)
-        outdir.check_space(plan.nbytes)
-        cks = [c for c in inputs.values() if isinstance(c, Checkpoint)]
-        engine = Engine(cks + list(getattr(inputs.get("adapter"), "checkpoints", [])), device=dev, progress=progress)
-        t0 = time.perf_counter()
-        with outdir as tmp:
-            for shard in plan.shards:
-                engine.write_shard(shard, tmp / shard.file, plan.alpha)
-            if len(plan.shards) > 1:
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(plan.shards), indent=2) + "\n")
-            _check_written(tmp, plan)
-            if strict and engine.stats.nonfinite:
-                name, count = next(iter(engine.stats.nonfinite.items()))
-                raise ShadowgraftError(
-                    f"'{name}': {count} NaN/Inf value(s) after grafting ({len(engine.stats.nonfinite)} tensor(s) affected); "
-                    "check the inputs, or drop --strict to write them anyway"
-                )
-            copy_side_files(ins.root, tmp)
-            engine.stats.seconds = time.perf_counter() - t0
-            record = provenance(inputs, plan, command=command, stats=engine.stats, device=str(dev))
-            (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
-            from .card import write_card
-
-            write_card(tmp, record, instruct_root=ins.root)
-        result = Result(plan, outdir.final, engine.stats)
+            shared["base"] = stack.enter_context(Checkpoint.open(base))
+            for spec in tuned_specs:
+                out = Path(output) / Path(os.fspath(spec)).name if many else Path(output)
+                try:
+                    tk = stack.enter_context(Checkpoint.open(spec))
+                    plan = plan_graft(ins, base=shared["base"], tuned=tk, **kw)
+                    outdir = OutputDir(out, overwrite=overwrite)
+                    if many and not dry_run:
+                        outdir.check()
+                except (ShadowgraftError, FileNotFoundError) as e:
+                    if not many:
+                        raise
+                    failed.append(f"{spec}: {e}")
+                    continue
+                jobs.append(({"tuned": tk}, plan, outdir))
+        for _, plan, _ in jobs:
+            if on_plan is not None:
+                on_plan(plan)
+        if dry_run or not jobs:
+            if failed:
+                raise ShadowgraftError(f"{len(failed)} of {len(tuned_specs)} tuned checkpoints failed: " + "; ".join(failed))
+            return Result(jobs[0][1] if jobs else None, None)
+        result = _write(ins, shared, jobs, dev=dev, strict=strict, progress=progress, command=command)
+    if failed:
+        raise ShadowgraftError(f"{len(failed)} of {len(tuned_specs)} tuned checkpoints failed (the other outputs are complete): "
+                               + "; ".join(failed))
     if push_to_hub:
+        if many:
+            raise ShadowgraftError("--push-to-hub takes one output; push each folder with `shadowgraft push`")
         from .hub import push
 
         result.url = push(result.output, push_to_hub, private=private)
     return result
+
+
+def _write(ins: Checkpoint, shared: dict, jobs: list, *, dev: str, strict: bool, progress, command) -> Result:
+    """Stream every job's output in one pass over the inputs, then finish and commit each folder."""
+    plans = [p for _, p, _ in jobs]
+    for _, plan, outdir in jobs:
+        outdir.check_space(plan.nbytes * len(jobs))
+    cks = [c for c in shared.values() if isinstance(c, Checkpoint)] + [j["tuned"] for j, _, _ in jobs if "tuned" in j]
+    cks += list(getattr(shared.get("adapter"), "checkpoints", []))
+    engine = Engine(cks, device=dev, progress=progress)
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        tmps = [stack.enter_context(outdir) for _, _, outdir in jobs]
+        for k, shard in enumerate(plans[0].shards):
+            engine.write_shards([p.shards[k] for p in plans], [t / shard.file for t in tmps], plans[0].alpha)
+        if strict and engine.stats.nonfinite:
+            name, count = next(iter(engine.stats.nonfinite.items()))
+            raise ShadowgraftError(
+                f"'{name}': {count} NaN/Inf value(s) after grafting ({len(engine.stats.nonfinite)} tensor(s) affected); "
+                "check the inputs, or drop --strict to write them anyway"
+            )
+        engine.stats.seconds = time.perf_counter() - t0
+        from .card import write_card
+
+        for (own, plan, _), tmp in zip(jobs, tmps):
+            if len(plan.shards) > 1:
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(plan.shards), indent=2) + "\n")
+            _check_written(tmp, plan)
+            copy_side_files(ins.root, tmp)
+            record = provenance({**shared, **own}, plan, command=command, stats=engine.stats, device=str(dev))
+            (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
+            write_card(tmp, record, instruct_root=ins.root)
+    return Result(plans[0], jobs[0][2].final, engine.stats, outputs=[o.final for _, _, o in jobs])
+
+
+def expand_tuned(tuned) -> list:
+    """One tuned spec, several, a quoted glob (``run/checkpoint-*``) or a run folder of ``checkpoint-N`` folders."""
+    specs = list(tuned) if isinstance(tuned, (list, tuple)) else [tuned]
+    out: list = []
+    for spec in specs:
+        text = os.fspath(spec)
+        if any(c in text for c in "*?["):
+            found = sorted(glob.glob(os.path.expanduser(text)), key=_natural)
+            if not found:
+                raise FileNotFoundError(f"{text}: no checkpoint matches this pattern")
+            out += found
+        elif Path(text).is_dir() and not any(Path(text).glob("*.safetensors")) and any(Path(text).glob("checkpoint-*")):
+            out += sorted((str(p) for p in Path(text).glob("checkpoint-*") if p.is_dir()), key=_natural)
+        else:
+            out.append(spec)
+    names = [Path(os.fspath(s)).name for s in out]
+    if len(out) > 1 and len(set(names)) != len(names):
+        raise ShadowgraftError("several tuned checkpoints share a folder name, so their outputs would collide; rename them")
+    return out
+
+
+def _natural(text: str) -> list:
+    # checkpoint-100 sorts after checkpoint-20
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
 def math_finite(x: float) -> bool:
@@ -170,7 +235,7 @@ def provenance(inputs: dict, plan: Plan, *, command: str | None, stats: Stats, d
         "inputs": {label: describe(ck) for label, ck in inputs.items()},
         "alpha": plan.alpha,
         "scope": plan.scope,
-        "command": command or " ".join(["shadowgraft", *sys.argv[1:]]),
+        "command": command or shlex.join(["shadowgraft", *sys.argv[1:]]),
         "device": device,
         "grafted": plan.grafted,
         "copied": [i.name for i in plan.items if i.action != "graft"],

@@ -187,7 +187,7 @@ def _unused_warnings(instruct: Checkpoint, sources: dict[str, Checkpoint], chose
     first = next(iter(sources.values()))
     kept = [n for n in instruct.tensors if n in first.tensors and n not in set(chosen)]
     if kept:
-        out.append(f"{len(kept)} tensor(s) outside --scope {scope} keep instruct's values: {_names(kept)}")
+        out.append(f"{len(kept)} tensor(s) not selected by --scope {scope}/--include/--exclude keep instruct's values: {_names(kept)}")
     return out
 
 

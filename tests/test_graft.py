@@ -137,3 +137,33 @@ def test_shape_mismatch_names_tensor_and_leaves_nothing(tmp_path, trio):
     # Excluding the mismatched tensors makes it go through.
     shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=other["tuned"], output=tmp_path / "out",
                       exclude=["mlp"])
+
+
+def test_many_tuned_checkpoints_in_one_pass(tmp_path, trio):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trio["tuned"], run / "checkpoint-20")
+    shutil.copytree(trio["base"], run / "checkpoint-100")  # a "tuned" equal to base grafts to instruct itself
+    res = shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=run, output=tmp_path / "out")
+    assert [p.name for p in res.outputs] == ["checkpoint-20", "checkpoint-100"]
+    single = shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "single")
+    for f in single.output.glob("*.safetensors"):
+        assert (tmp_path / "out" / "checkpoint-20" / f.name).read_bytes() == f.read_bytes()
+    same = load(tmp_path / "out" / "checkpoint-100")
+    inst = load(trio["instruct"])
+    assert all(torch.equal(same[n], inst[n]) for n in inst)
+    meta = json.loads((tmp_path / "out" / "checkpoint-100" / "shadowgraft.json").read_text())
+    assert meta["inputs"]["tuned"]["source"].endswith("checkpoint-100")
+
+
+def test_one_bad_tuned_checkpoint_fails_alone(tmp_path, trio):
+    import shutil
+
+    other = make_trio(tmp_path / "other", shape=Shape(layers=3, hidden=64, intermediate=128, vocab=128))
+    shutil.copytree(trio["tuned"], tmp_path / "run" / "checkpoint-1")
+    shutil.copytree(other["tuned"], tmp_path / "run" / "checkpoint-2")
+    with pytest.raises(ShadowgraftError, match=r"1 of 2 tuned checkpoints failed \(the other outputs are complete\): .*checkpoint-2: .*instruct \(96, 64\) != tuned \(128, 64\)"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=str(tmp_path / "run" / "checkpoint-*"), output=tmp_path / "out")
+    assert (tmp_path / "out" / "checkpoint-1" / "model.safetensors.index.json").exists()
+    assert not (tmp_path / "out" / "checkpoint-2").exists()

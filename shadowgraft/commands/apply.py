@@ -10,7 +10,8 @@ from ..cli import MODEL_HELP, err, human, out, print_plan, progress_bar
 @click.command("apply")
 @click.option("--instruct", required=True, help=f"Model to graft onto ({MODEL_HELP}).")
 @click.option("--base", help="Model the tuned one was fine-tuned from.")
-@click.option("--tuned", help="Fine-tuned base model.")
+@click.option("--tuned", multiple=True, help="Fine-tuned base model; repeat it, quote a glob ('run/checkpoint-*') "
+              "or name a run folder to graft several checkpoints in one pass (one output folder each under --output).")
 @click.option("--delta", help="A delta folder written by `shadowgraft diff`.")
 @click.option("--adapter", help="A PEFT LoRA adapter trained on base.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (created atomically).")
@@ -32,6 +33,7 @@ def command(quiet: bool, **kw) -> None:
     """Graft W_instruct + alpha * (W_tuned - W_base), a delta, or a LoRA adapter, into a new folder."""
     from .. import graft
 
+    kw["tuned"] = None if not kw["tuned"] else kw["tuned"][0] if len(kw["tuned"]) == 1 else list(kw["tuned"])
     bar = progress_bar(quiet)
     dry = kw["dry_run"]
 
@@ -43,7 +45,9 @@ def command(quiet: bool, **kw) -> None:
                 err.print(f"[yellow]warning:[/] {w}")
         if bar is not None and not dry:
             bar.start()
-            on_plan.task = bar.add_task("grafting", total=plan.nbytes)
+            if getattr(on_plan, "task", None) is None:
+                on_plan.task = bar.add_task("grafting", total=0)
+            bar.update(on_plan.task, total=bar.tasks[0].total + plan.nbytes)
 
     progress = (lambda n: bar.advance(on_plan.task, n)) if bar is not None else None
     try:
@@ -56,7 +60,8 @@ def command(quiet: bool, **kw) -> None:
     s = res.stats
     from rich.table import Table
 
-    t = Table(title=f"grafted into {res.output}")
+    where = ", ".join(map(str, res.outputs)) if len(res.outputs) > 1 else res.output
+    t = Table(title=f"grafted into {where}")
     for col in ("grafted", "copied", "cast", "written", "seconds", "GB/s"):
         t.add_column(col, justify="right")
     t.add_row(str(s.grafted), str(s.copied), str(s.cast), human(s.bytes_written), f"{s.seconds:.2f}",
