@@ -1,0 +1,73 @@
+"""The streaming engine: chunk boundaries, several outputs, failures inside the pipeline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from shadowgraft import Checkpoint, ShadowgraftError
+from shadowgraft.engine import Engine
+from shadowgraft.plan import plan_graft
+
+from .conftest import assert_exact, load
+
+
+def _trio(tmp_path, n=10_007, dtype=torch.bfloat16, nan=False):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    vals = {"base": base, "instruct": base + 0.01 * torch.randn(n, 3, generator=g, dtype=torch.float64),
+            "tuned": base + 0.01 * torch.randn(n, 3, generator=g, dtype=torch.float64)}
+    if nan:
+        vals["tuned"][5, 1] = float("nan")
+        vals["tuned"][7, 2] = float("inf")
+    paths = {}
+    for k, v in vals.items():
+        paths[k] = tmp_path / f"{k}.safetensors"
+        save_file({"model.layers.0.mlp.up_proj.weight": v.to(dtype), "model.norm.weight": torch.ones(3, dtype=dtype)}, str(paths[k]))
+    return {k: Checkpoint.open(p) for k, p in paths.items()}
+
+
+def _run(cks, out, chunk, alpha=1.0):
+    plan = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"], alpha=alpha)
+    eng = Engine(list(cks.values()), chunk=chunk)
+    eng.write_shard(plan.shards[0], out, alpha)
+    return eng
+
+
+@pytest.mark.parametrize("chunk", [1, 97, 4096, 1 << 20])
+def test_chunk_size_does_not_change_a_byte(tmp_path, chunk):
+    cks = _trio(tmp_path)
+    _run(cks, tmp_path / "ref.safetensors", 1 << 22)
+    _run(cks, tmp_path / "c.safetensors", chunk)
+    assert (tmp_path / "ref.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+    ref = {k: load(c.files[0])["model.layers.0.mlp.up_proj.weight"].double() for k, c in cks.items()}
+    got = load(tmp_path / "c.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    assert_exact(got, ref["instruct"] + (ref["tuned"] - ref["base"]))
+
+
+def test_nonfinite_values_are_counted(tmp_path):
+    eng = _run(_trio(tmp_path, nan=True), tmp_path / "o.safetensors", 1000)
+    assert eng.stats.nonfinite == {"model.layers.0.mlp.up_proj.weight": 2}
+
+
+def test_file_truncated_during_the_run_fails_cleanly(tmp_path):
+    cks = _trio(tmp_path, n=50_000)
+    # Headers were validated at open; now the file shrinks under us.
+    os.truncate(cks["tuned"].files[0], 1000)
+    with pytest.raises(ShadowgraftError, match=r"tuned\.safetensors: file ended inside tensor 'model\.layers\.0\.mlp\.up_proj\.weight'"):
+        _run(cks, tmp_path / "o.safetensors", 4096)
+
+
+def test_many_outputs_share_reads(tmp_path):
+    cks = _trio(tmp_path)
+    plan = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"])
+    eng = Engine(list(cks.values()), chunk=4096)
+    eng.write_shards([plan.shards[0], plan.shards[0]], [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], 1.0)
+    one = _run(cks, tmp_path / "c.safetensors", 4096)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+    # instruct and base are read once for both outputs: only tuned is read twice.
+    per_model = one.stats.bytes_read / 3
+    assert eng.stats.bytes_read == pytest.approx(4 * per_model, rel=0.01)
