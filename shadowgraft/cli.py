@@ -78,9 +78,6 @@ def _register() -> None:
         cli.add_command(importlib.import_module(f"{commands.__name__}.{m.name}").command)
 
 
-_register()
-
-
 def _on_sigterm(signum, frame):
     # Turn SIGTERM into the same unwinding as Ctrl-C so temporary output is removed.
     _state["signal"] = signum
@@ -112,23 +109,29 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-def print_error(line: str) -> None:
-    """``error: line`` on stderr, with no rich markup or emoji taken from the (untrusted) text."""
+def print_error(text: str) -> None:
+    """``error: text`` on stderr, always one line.
+
+    Tensor and file names come from strangers' files: control characters are
+    shown escaped rather than sent to the terminal, rich markup and emoji
+    codes in them are not interpreted, and the length is bounded.
+    """
     from rich.markup import escape
 
-    err.print(f"[red]error:[/] {escape(line)}", soft_wrap=True, emoji=False)
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(text.split()))
+    if len(text) > 2000:
+        text = text[:1200] + " ... " + text[-600:]
+    err.print(f"[red]error:[/] {escape(text)}", soft_wrap=True, emoji=False)
 
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e):
-        text = f"{e.filename}: {e.strerror or e}"
-    else:
-        text = " ".join(str(e).split())
-    # Tensor and file names come from strangers' files: escape control
-    # characters rather than send them to the terminal, and bound the length.
-    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-    return text if len(text) <= 2000 else text[:1200] + " ... " + text[-600:]
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
 
+
+# Last, so that command modules can import anything defined above.
+_register()
 
 if __name__ == "__main__":
     main()

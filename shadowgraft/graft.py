@@ -20,6 +20,7 @@ from .dtypes import parse_dtype
 from .engine import Engine, Stats
 from .errors import ShadowgraftError
 from .plan import Plan, parse_size, plan_graft
+from .verify import check_output, record_outputs
 from .writer import OutputDir, copy_side_files, index_json
 
 
@@ -69,7 +70,7 @@ def apply(
         raise ShadowgraftError(f"--alpha must be a finite number, got {alpha}")
     out_dtype = parse_dtype(dtype)
     shard_size = parse_size(max_shard_size)
-    dev = _pick_device(device)
+    dev = pick_device(device, matmul=adapter is not None)
     tuned_specs = expand_tuned(tuned) if tuned is not None else [None]
     many = len(tuned_specs) > 1
     if many and not dry_run:
@@ -85,7 +86,7 @@ def apply(
         if adapter is not None:
             from .lora import open_adapter, plan_adapter
 
-            ad = open_adapter(adapter)
+            ad = stack.enter_context(open_adapter(adapter))
             shared["adapter"] = ad
             jobs.append(({}, plan_adapter(ins, ad, **kw), OutputDir(Path(output), overwrite=overwrite)))
         elif delta is not None:
@@ -155,8 +156,10 @@ def _write(ins: Checkpoint, shared: dict, jobs: list, *, dev: str, strict: bool,
             _check_written(tmp, plan)
             copy_side_files(ins.root, tmp)
             record = provenance({**shared, **own}, plan, command=command, stats=engine.stats, device=str(dev))
+            record["outputs"] = record_outputs(tmp)
             (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
             write_card(tmp, record, instruct_root=ins.root)
+            check_output(tmp)  # the cheap part of `shadowgraft verify`, before the rename
     return Result(plans[0], jobs[0][2].final, engine.stats, outputs=[o.final for _, _, o in jobs])
 
 
@@ -190,13 +193,18 @@ def math_finite(x: float) -> bool:
     return x == x and x not in (float("inf"), float("-inf"))
 
 
-def _pick_device(device: str) -> str:
+def pick_device(device: str, *, matmul: bool = False) -> str:
+    """Resolve ``auto``: CUDA only for LoRA merges, whose B @ A products are real compute.
+
+    A full or delta graft does a few flops per byte; one CPU core outruns
+    the disk, so shipping the bytes to a GPU and back cannot make it faster.
+    """
     import torch
 
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ShadowgraftError(f"unknown device '{device}'; use auto, cpu or cuda")
     if device == "auto":
-        return "cpu"
+        return "cuda" if matmul and torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ShadowgraftError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     return device
@@ -230,7 +238,9 @@ def describe(ck) -> dict:
 def provenance(inputs: dict, plan: Plan, *, command: str | None, stats: Stats, device: str) -> dict:
     return {
         "shadowgraft_version": __version__,
-        "formula": "W_out = W_instruct + alpha * (W_tuned - W_base)",
+        "formula": ("W_out = W_instruct + alpha * scale * (B @ A)" if "adapter" in inputs
+                    else "W_out = W_instruct + alpha * D, D = W_tuned - W_base" if "delta" in inputs
+                    else "W_out = W_instruct + alpha * (W_tuned - W_base)"),
         "mode": "adapter" if "adapter" in inputs else "delta" if "delta" in inputs else "full",
         "inputs": {label: describe(ck) for label, ck in inputs.items()},
         "alpha": plan.alpha,

@@ -167,3 +167,10 @@ def test_one_bad_tuned_checkpoint_fails_alone(tmp_path, trio):
         shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=str(tmp_path / "run" / "checkpoint-*"), output=tmp_path / "out")
     assert (tmp_path / "out" / "checkpoint-1" / "model.safetensors.index.json").exists()
     assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_cuda_requested_without_gpu_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trio = make_trio(tmp_path / "in")
+    with pytest.raises(shadowgraft.ShadowgraftError, match="--device cuda was asked for but torch sees no CUDA device"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o", device="cuda")
