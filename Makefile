@@ -29,5 +29,12 @@ bench: install
 	$(PY) benchmarks/bench_apply.py
 	$(PY) benchmarks/bench_stats.py
 
+# mergekit lives in its own venv (it pins its own transformers); bench_apply.py
+# adds its row whenever bench-out/mergekit-venv exists.
+.PHONY: bench-mergekit
+bench-mergekit: install
+	TORCH="$(TORCH)" bash benchmarks/mergekit_venv.sh bench-out/mergekit-venv
+	$(PY) benchmarks/bench_apply.py --scaling 1,2,4
+
 clean:
 	rm -rf $(VENV) demo-out bench-out *.egg-info

@@ -1,56 +1,180 @@
-"""The model card (README.md) written next to a grafted checkpoint."""
+"""The model card (README.md) written next to a grafted checkpoint.
+
+Metadata follows the Hub's model-tree conventions so the result shows up
+under its parents: ``base_model`` lists the inputs that are Hub repos
+(instruct first) with ``base_model_relation: merge``. The body says how the
+weights were made and pins every input to the commit it was read at.
+"""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+# Fields of the instruct model's card that still hold for the graft.
+_INHERITED = ("license", "license_name", "license_link", "language", "pipeline_tag")
+_ROLES = ("instruct", "base", "tuned", "delta", "adapter")
+_SIGMA_ORDER = ("sigma_mean", "sigma_median", "sigma_max", "sigma_min", "sigma_weighted", "n_tensors")
 
 
-def _license(instruct_root: Path | None) -> str | None:
-    if instruct_root is None or not (instruct_root / "README.md").is_file():
-        return None
+def inherited_metadata(instruct_root: Path | None) -> dict:
+    """License (and language, pipeline tag) from the instruct model's README.md, when it has YAML metadata."""
+    from huggingface_hub import ModelCard
+
+    card = None if instruct_root is None else Path(instruct_root) / "README.md"
+    if card is None or not card.is_file():
+        return {}
     try:
-        return ModelCard.load(instruct_root / "README.md").data.to_dict().get("license")
-    except Exception:  # a card without YAML front matter has no license to copy
-        return None
+        data = ModelCard.load(card).data.to_dict()
+    except Exception:  # unreadable or malformed front matter: nothing trustworthy to copy
+        return {}
+    return {k: data[k] for k in _INHERITED if data.get(k)}
 
 
-def build_card(record: dict, *, instruct_root: Path | None = None) -> ModelCard:
-    """A ModelCard whose metadata names the instruct model as ``base_model`` with relation ``merge``."""
+def build_card(record: dict, *, instruct_root: Path | None = None):
+    """A huggingface_hub ``ModelCard`` for the graft described by ``record`` (the shadowgraft.json dict).
+
+    >>> build_card(json.load(open("out/shadowgraft.json"))).data.base_model_relation   # doctest: +SKIP
+    'merge'
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
     inputs = record["inputs"]
-    hub_ids = [inputs[k]["repo_id"] for k in ("instruct", "base", "tuned") if k in inputs and inputs[k].get("repo_id")]
+    hub_ids = list(dict.fromkeys(inputs[k]["repo_id"] for k in _ROLES if inputs.get(k, {}).get("repo_id")))
     data = ModelCardData(
         base_model=hub_ids or None,
         base_model_relation="merge" if hub_ids else None,
         library_name="transformers",
-        license=_license(instruct_root),
         tags=["shadow-ft", "shadowgraft"],
+        **inherited_metadata(instruct_root),
     )
-    lines = [
-        "# Shadow-FT graft",
-        "",
-        "Made with [shadowgraft](https://github.com/) by grafting a fine-tuning delta onto an instruct model:",
-        "",
-        f"    {record['formula']}      (alpha = {record['alpha']}, scope = {record['scope']})",
-        "",
-        "| input | source | revision |",
-        "|---|---|---|",
-    ]
-    for label, d in inputs.items():
-        lines.append(f"| {label} | `{d.get('repo_id') or d.get('path') or d.get('source')}` | `{d.get('commit') or '-'}` |")
-    lines += [
-        "",
-        f"{len(record['grafted'])} tensors grafted, {len(record['copied'])} copied from instruct unchanged.",
-        "",
-        "Reproduce with:",
-        "",
-        f"    {record['command']}",
-        "",
-    ]
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
-    return ModelCard(content)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _body(record))
 
 
 def write_card(folder: Path, record: dict, *, instruct_root: Path | None = None) -> None:
-    build_card(record, instruct_root=instruct_root).save(folder / "README.md")
+    """Write ``folder/README.md`` for the graft described by ``record``."""
+    build_card(record, instruct_root=instruct_root).save(Path(folder) / "README.md")
+
+
+def pinned_command(record: dict) -> str:
+    """The recorded command with every Hub input replaced by ``repo_id@commit``, so it reproduces exactly.
+
+    >>> pinned_command({"command": "shadowgraft apply --instruct Qwen/X ...", "inputs": {"instruct":
+    ...     {"source": "Qwen/X", "repo_id": "Qwen/X", "commit": "a" * 40}}})      # doctest: +SKIP
+    'shadowgraft apply --instruct Qwen/X@aaaa... ...'
+    """
+    pins = {d["source"]: f"{d['repo_id']}@{d['commit']}" for d in record["inputs"].values()
+            if d.get("repo_id") and d.get("commit") and d.get("source")}
+    try:
+        words = shlex.split(record["command"])
+    except ValueError:  # unbalanced quotes: show it as it was run
+        return record["command"]
+    out = []
+    for w in words:
+        opt, eq, value = w.partition("=")
+        if eq and opt.startswith("--") and value in pins:
+            out.append(f"{opt}={pins[value]}")
+        else:
+            out.append(pins.get(w, w))
+    return shlex.join(out)
+
+
+def _title(inputs: dict) -> str:
+    ins = inputs.get("instruct", {})
+    name = ins.get("repo_id") or Path(ins.get("path") or ins.get("source") or "instruct").name
+    return f"Shadow-FT graft onto {name.split('/')[-1]}"
+
+
+def _body(record: dict) -> str:
+    inputs = record["inputs"]
+    n_graft, n_copy = len(record.get("grafted", [])), len(record.get("copied", []))
+    lines = [
+        f"# {_title(inputs)}",
+        "",
+        f"Made with shadowgraft {record.get('shadowgraft_version', '')} (Shadow-FT): the change that fine-tuning made "
+        "to a base model is grafted onto its instruct sibling, tensor by tensor, in fp32, rounded once to the "
+        "output dtype:",
+        "",
+        f"    {record['formula']}",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| mode | {record.get('mode', 'full')} |",
+        f"| alpha | {record['alpha']} |",
+        f"| scope | {record['scope']} ({n_graft} tensors grafted, {n_copy} copied unchanged from instruct) |",
+        *_adapter_rows(inputs.get("adapter")),
+        "",
+        "## Inputs",
+        "",
+        "| role | model | revision asked | commit |",
+        "|---|---|---|---|",
+    ]
+    local = []
+    for role, d in inputs.items():
+        if d.get("repo_id"):
+            model = f"[{d['repo_id']}](https://huggingface.co/{d['repo_id']})"
+            lines.append(f"| {role} | {model} | {d.get('revision') or '(default branch)'} | `{d.get('commit') or 'unknown'}` |")
+        else:
+            lines.append(f"| {role} | `{d.get('source') or d.get('path')}` (local) | - | - |")
+            local += [f"- {role} `{name}`: `{sha}`" for name, sha in (d.get("header_sha256") or {}).items()]
+    if local:
+        lines += ["", "Local inputs have no commit; the sha256 of each safetensors header identifies them:", "", *local]
+    lines += _similarity(record.get("similarity"))
+    lines += _training(record.get("training"))
+    notes = [f"- {w}" for w in record.get("warnings", [])]
+    notes += [f"- `{name}`: {n} NaN/Inf value(s) after grafting" for name, n in (record.get("nonfinite") or {}).items()]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    pinned, as_run = pinned_command(record), record.get("command", "")
+    lines += ["", "## Reproduce", "", "```bash", pinned, "```"]
+    if pinned != pinned_command({**record, "inputs": {}}):
+        lines += ["", "As it was run (Hub revisions unpinned):", "", "```bash", as_run, "```"]
+    lines += ["", "`shadowgraft.json` next to the weights lists every grafted tensor and the full provenance.", ""]
+    return "\n".join(lines)
+
+
+def _adapter_rows(ad: dict | None) -> list[str]:
+    if not ad or ad.get("r") is None:
+        return []
+    rows = [f"| LoRA rank | {ad['r']} |", f"| LoRA alpha | {ad.get('lora_alpha')} (rsLoRA: {bool(ad.get('use_rslora'))}) |"]
+    if ad.get("base_model_name_or_path"):
+        rows.append(f"| adapter trained on | `{ad['base_model_name_or_path']}` |")
+    return rows
+
+
+def _similarity(sim) -> list[str]:
+    """The relative-gap summary from ``shadowgraft stats``, when the record carries one."""
+    if not isinstance(sim, dict) or not sim:
+        return []
+    pair = " and ".join(str(sim[k]) for k in ("a", "b") if isinstance(sim.get(k), str))
+    lines = [
+        "",
+        "## Similarity",
+        "",
+        "Relative gap sigma = sum|A - B| / (sum|A| + sum|B|) per tensor, summarised over the transformer-block "
+        "tensors" + (f" between {pair}" if pair else "") + ". The Shadow-FT paper finds sigma under 0.05 "
+        "between base and instruct for the families it studies; a larger gap makes grafting riskier.",
+        "",
+        "| statistic | value |",
+        "|---|---|",
+    ]
+    keys = [k for k in _SIGMA_ORDER if k in sim] + sorted(k for k in sim if k not in _SIGMA_ORDER)
+    for k in keys:
+        v = sim[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue  # nested detail belongs to the stats report, not the card
+        lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return lines
+
+
+def _training(tr) -> list[str]:
+    """How the tuned side was trained, when `shadowgraft shadow-ft` made it: data hash and hyper-parameters."""
+    if not isinstance(tr, dict) or not tr:
+        return []
+    lines = ["", "## Training", "", "| setting | value |", "|---|---|"]
+    for k in ("data", "data_sha256", "examples", "steps", "final_loss"):
+        if tr.get(k) is not None:
+            lines.append(f"| {k} | `{tr[k]}` |")
+    for k, v in (tr.get("hyperparameters") or {}).items():
+        lines.append(f"| {k} | {v} |")
+    return lines

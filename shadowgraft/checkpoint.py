@@ -194,7 +194,7 @@ def _files_in_folder(folder: Path):
 def _files_from_index(index_path: Path) -> dict[str, Path]:
     try:
         obj = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
         raise ShadowgraftError(f"{index_path}: not valid JSON; re-download the index") from None
     wmap = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):

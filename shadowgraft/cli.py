@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     _state.pop("signal", None)
     try:
-        cli.main(args=argv, prog_name="shadowgraft", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="shadowgraft", standalone_mode=False)
+        # Without standalone mode click returns the code of ctx.exit(n) / raise Exit(n).
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

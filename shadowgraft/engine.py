@@ -72,7 +72,14 @@ class _Op:
 def wants_float64(it: Item) -> bool:
     """fp32 has twice the mantissa of a 16-bit input, so one final rounding is (almost
     always) the correctly rounded result; fp32 inputs need fp64 for the same guarantee."""
-    return bool({it.src.dtype, it.dtype, *(d.dtype for d in it.deltas)} & {"F32", "F64"})
+    wide = {"F32", "F64"}
+    if it.action == "graft" and len(it.deltas) == 1:
+        # A stored delta (``diff``) already holds the working precision of the
+        # graft it came from, F32 for 16-bit models and F64 for F32 ones, so
+        # only F64 says the model was F32; this keeps diff + apply --delta
+        # byte-identical to apply --base --tuned.
+        return bool({it.src.dtype, it.dtype} & wide) or it.deltas[0].dtype == "F64"
+    return bool({it.src.dtype, it.dtype, *(d.dtype for d in it.deltas)} & wide)
 
 
 class Engine:
@@ -86,7 +93,7 @@ class Engine:
         self.chunk = chunk
         self.progress = progress or (lambda n: None)
         self.stats = Stats()
-        self._lora_cache: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        self._lora_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # ((term, dtype), left, right)
         self._bad = 0
         self._bad_dev = 0
         if self.cuda:
@@ -165,7 +172,12 @@ class Engine:
             wd = torch.float64 if wants_float64(it) else torch.float32
             acc = r.work("acc", m, wd)
             acc.copy_(x)
-            if it.deltas:
+            if it.action == "delta":
+                # diff: tuned (src) - base (deltas[0]) alone, the same subtraction a graft does.
+                b = r.work("b", m, wd)
+                b.copy_(self._dev(inp[f"d0.{j}"]))
+                acc.sub_(b)
+            elif it.deltas:
                 d = r.work("d", m, wd)
                 d.copy_(self._dev(inp[f"d0.{j}"]))
                 if len(it.deltas) == 2:
@@ -328,20 +340,28 @@ class Engine:
     def _lora_rows(self, it: Item, start: int, n: int, wd: torch.dtype) -> torch.Tensor:
         """``scale * (B @ A)`` for the weight's flat elements ``[start, start+n)`` (whole rows)."""
         lo: LoraTerm = it.lora
-        if self._lora_cache is None or self._lora_cache[0] != it.name:
-            ck = lo.adapter
-            a = ck.view(lo.a.name).to(self.device, wd)
-            b = ck.view(lo.b.name).to(self.device, wd)
-            self._lora_cache = (it.name, a, b)
-        _, a, b = self._lora_cache
-        cols = it.src.shape[-1]
+        if self._lora_cache is None or self._lora_cache[0] != (lo, wd):
+            # The factors are small (r x in, out x r): read them once per
+            # tensor, upcast, fold the scale into B, and lay them out so each
+            # row block is one matmul into a reused buffer.
+            a = self._factor(lo.a, wd)
+            b = self._factor(lo.b, wd).mul_(lo.scale)
+            if lo.transpose:
+                # Weight stored (in, out): its row i is column i of B @ A.
+                left, right = a.T.contiguous(), b.T.contiguous()
+            else:
+                left, right = b, a
+            self._lora_cache = ((lo, wd), left, right)
+        _, left, right = self._lora_cache
+        cols = right.shape[1]
         r0, r1 = start // cols, (start + n) // cols
-        if lo.transpose:
-            # Weight stored (in, out): its rows are columns of B @ A.
-            rows = (b @ a[:, r0:r1]).T
-        else:
-            rows = b[r0:r1] @ a
-        return rows.reshape(-1).mul_(lo.scale)
+        out = self.reader.work("lora", n, wd).view(r1 - r0, cols)
+        torch.mm(left[r0:r1], right, out=out)
+        return out.view(-1)
+
+    def _factor(self, info: TensorInfo, wd: torch.dtype) -> torch.Tensor:
+        x = self.reader.load("lora_factor", info, 0, info.numel)
+        return x.to(self.device, wd, copy=True).view(info.shape)
 
 
 _DONE = object()

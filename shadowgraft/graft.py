@@ -58,8 +58,11 @@ def apply(
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     command: str | None = None,
+    extra: dict | None = None,
 ) -> Result:
     """Graft ``alpha * (tuned - base)`` (or a delta, or a LoRA adapter) onto ``instruct`` into ``output``.
+
+    ``extra`` adds top-level entries to ``shadowgraft.json`` (e.g. ``training``, ``similarity``).
 
     >>> shadowgraft.apply(instruct="./instruct", base="./base", tuned="./tuned", output="./out")  # doctest: +SKIP
     """
@@ -115,7 +118,7 @@ def apply(
             if failed:
                 raise ShadowgraftError(f"{len(failed)} of {len(tuned_specs)} tuned checkpoints failed: " + "; ".join(failed))
             return Result(jobs[0][1] if jobs else None, None)
-        result = _write(ins, shared, jobs, dev=dev, strict=strict, progress=progress, command=command)
+        result = _write(ins, shared, jobs, dev=dev, strict=strict, progress=progress, command=command, extra=extra)
     if failed:
         raise ShadowgraftError(f"{len(failed)} of {len(tuned_specs)} tuned checkpoints failed (the other outputs are complete): "
                                + "; ".join(failed))
@@ -128,7 +131,7 @@ def apply(
     return result
 
 
-def _write(ins: Checkpoint, shared: dict, jobs: list, *, dev: str, strict: bool, progress, command) -> Result:
+def _write(ins: Checkpoint, shared: dict, jobs: list, *, dev: str, strict: bool, progress, command, extra=None) -> Result:
     """Stream every job's output in one pass over the inputs, then finish and commit each folder."""
     plans = [p for _, p, _ in jobs]
     for _, plan, outdir in jobs:
@@ -155,7 +158,7 @@ def _write(ins: Checkpoint, shared: dict, jobs: list, *, dev: str, strict: bool,
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(plan.shards), indent=2) + "\n")
             _check_written(tmp, plan)
             copy_side_files(ins.root, tmp)
-            record = provenance({**shared, **own}, plan, command=command, stats=engine.stats, device=str(dev))
+            record = provenance({**shared, **own}, plan, command=command, stats=engine.stats, device=str(dev), extra=extra)
             record["outputs"] = record_outputs(tmp)
             (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
             write_card(tmp, record, instruct_root=ins.root)
@@ -235,7 +238,7 @@ def describe(ck) -> dict:
     return ck.describe()
 
 
-def provenance(inputs: dict, plan: Plan, *, command: str | None, stats: Stats, device: str) -> dict:
+def provenance(inputs: dict, plan: Plan, *, command: str | None, stats: Stats, device: str, extra: dict | None = None) -> dict:
     return {
         "shadowgraft_version": __version__,
         "formula": ("W_out = W_instruct + alpha * scale * (B @ A)" if "adapter" in inputs
@@ -252,4 +255,5 @@ def provenance(inputs: dict, plan: Plan, *, command: str | None, stats: Stats, d
         "seconds": round(stats.seconds, 3),
         "nonfinite": stats.nonfinite,
         "warnings": list(plan.warnings),
+        **(extra or {}),
     }

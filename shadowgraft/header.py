@@ -86,12 +86,15 @@ def parse_header(raw: bytes, *, path: Path, file_size: int) -> Header:
         raise _fail(path, f"header truncated ({len(raw) - 8} of {n} bytes)")
     body = raw[8 : 8 + n]
     try:
-        obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        obj = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise _fail(path, f"header names '{exc.args[0]}' twice") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise _fail(path, f"header is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(obj, dict):
         raise _fail(path, "header is not a JSON object")
-    meta = obj.pop("__metadata__", None) or {}
+    meta = obj.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise _fail(path, "__metadata__ must map strings to strings")
     data_start = 8 + n
@@ -108,11 +111,25 @@ def parse_header(raw: bytes, *, path: Path, file_size: int) -> Header:
     return Header(path, data_start, tuple(infos), dict(meta), hashlib.sha256(raw[: 8 + n]).hexdigest())
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    # json keeps the last of two equal keys, other readers the first: a name
+    # given twice could mean different tensors to different tools, so refuse it.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
 def _entry(path: Path, name: str, entry, data_start: int, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _fail(path, f"tensor '{name}' entry is not an object")
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise _fail(path, f"tensor '{name}' has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise _fail(path, f"tensor '{name}' has an invalid shape {shape!r}")
@@ -130,7 +147,9 @@ def _entry(path: Path, name: str, entry, data_start: int, data_size: int) -> Ten
         numel *= d
     bits = numel * DTYPE_BITS[dtype]
     if bits % 8 or bits // 8 != offs[1] - offs[0]:
-        raise _fail(path, f"tensor '{name}' is {offs[1] - offs[0]} bytes but {dtype}{shape} needs {bits / 8:g}")
+        # Integer arithmetic only: a hostile shape can make numel overflow a float.
+        need = f"{bits // 8}" if bits % 8 == 0 else f"{bits} bits, not a whole number of bytes"
+        raise _fail(path, f"tensor '{name}' is {offs[1] - offs[0]} bytes but {dtype}{shape} needs {need}")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offs[0], data_start + offs[1])
 
 

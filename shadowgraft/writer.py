@@ -13,6 +13,9 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ShadowgraftError
@@ -54,6 +57,28 @@ def copy_side_files(src: Path | None, dst: Path) -> list[str]:
     return copied
 
 
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them.
+
+    Handlers, not the signal mask: torch's worker threads would still take a
+    masked signal and Python would run the handler in the main thread anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    prev = {s: signal.signal(s, lambda num, frame: caught.append(num)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in prev.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: a handler set outside Python
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 class OutputDir:
     """Context manager: a temporary folder that becomes ``final`` on success, vanishes on failure.
 
@@ -86,30 +111,65 @@ class OutputDir:
 
     def __enter__(self) -> Path:
         self.check()
-        lock = self.final.parent / f".{self.final.name}.shadowgraft-lock"
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ShadowgraftError(f"{self.final}: another shadowgraft run is writing it; wait for it or choose another --output") from None
-        if os.fstat(fd).st_ino != os.stat(lock).st_ino:
-            # The previous holder unlinked the file between our open and flock.
-            os.close(fd)
-            raise ShadowgraftError(f"{self.final}: another shadowgraft run is writing it; wait for it or choose another --output")
-        self._lock_fd = fd
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        # Ctrl-C between taking the lock and returning would skip __exit__ and leave debris.
+        with signals_deferred():
+            self._lock()
+            try:
+                self._clean_stale()
+                self.check()
+                self.tmp.mkdir()
+            except BaseException:
+                self._unlock()
+                raise
         return self.tmp
 
+    def _lock(self) -> None:
+        lock = self.final.parent / f".{self.final.name}.shadowgraft-lock"
+        busy = f"{self.final}: another shadowgraft run is writing it; wait for it or choose another --output"
+        for _ in range(5):
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ShadowgraftError(busy) from None
+            try:
+                current = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                self._lock_fd = fd
+                return
+            # The previous holder unlinked the file between our open and flock;
+            # whoever holds the file now at that path is the one to contend with.
+            os.close(fd)
+        raise ShadowgraftError(busy)
+
+    def _clean_stale(self) -> None:
+        """Remove what a killed run left for this output; safe because we hold the lock."""
+        parent, name = self.final.parent, self.final.name
+        tmps = [p for p in parent.iterdir() if p.name.startswith(f".{name}.shadowgraft-tmp-")]
+        olds = [p for p in parent.iterdir() if p.name.startswith(f".{name}.shadowgraft-old-")]
+        for p in tmps:
+            shutil.rmtree(p, ignore_errors=True)
+        if olds and not os.path.lexists(self.final):
+            # Killed between moving the old output aside and renaming the new
+            # one in: the old folder is complete, so put it back.
+            olds.sort(key=lambda p: p.stat().st_mtime)
+            os.rename(olds.pop(), self.final)
+        for p in olds:
+            shutil.rmtree(p, ignore_errors=True)
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self._commit()
-            else:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-        finally:
-            self._unlock()
+        # A second Ctrl-C must not cut the rename pair or the cleanup in half.
+        with signals_deferred():
+            try:
+                if exc_type is None:
+                    self._commit()
+                else:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+            finally:
+                self._unlock()
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise ShadowgraftError(f"{self.final}: disk full while writing ({os.strerror(exc.errno)}); nothing was left behind, free space and retry") from exc
 

@@ -1,0 +1,23 @@
+"""`shadowgraft push`."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import out
+
+
+@click.command("push")
+@click.argument("folder")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private (no effect on an existing repo).")
+@click.option("--revision", metavar="BRANCH", help="Upload to this branch, creating it from main when missing.")
+@click.option("--commit-message", metavar="MSG", help="Commit title; defaults to one naming the instruct model, alpha and scope.")
+def command(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None) -> None:
+    """Check FOLDER is a complete checkpoint, upload it to the Hub repo REPO_ID, print the URL.
+
+    The token comes from `hf auth login` or HF_TOKEN.
+    """
+    from ..hub import push
+
+    out.print(push(folder, repo_id, private=private, revision=revision, commit_message=commit_message), soft_wrap=True)

@@ -1,0 +1,34 @@
+"""`shadowgraft shadow-ft`."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import MODEL_HELP, err, out
+from .train import train_options
+
+
+@click.command("shadow-ft")
+@click.option("--base", required=True, help=f"The instruct model's base, which gets fine-tuned ({MODEL_HELP}).")
+@click.option("--instruct", required=True, help=f"The model that receives the learned change ({MODEL_HELP}).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL: chat, ShareGPT, Alpaca or text records.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Run folder: stages/ (stats, training) and model/ (the grafted instruct model).")
+@click.option("--alpha", default=1.0, show_default=True, type=float, help="Scale of the grafted change.")
+@click.option("--scope", default="linear", show_default=True, type=click.Choice(["linear", "attn", "mlp", "all"]),
+              help="Which tensors are grafted (full fine-tuning; LoRA grafts what it trained).")
+@click.option("--max-sigma", type=float, help="Warn when base and instruct differ by more than this sigma_mean  [default: 0.05]")
+@click.option("--push-to-hub", metavar="REPO_ID", help="Upload the grafted model to this Hub repo.")
+@click.option("--private", is_flag=True, help="Create the Hub repo as private.")
+@click.option("--overwrite", is_flag=True, help="Delete the run folder and start over (otherwise finished stages are reused).")
+@train_options
+def command(**kw) -> None:
+    """Fine-tune BASE on the data, graft the change onto INSTRUCT, write a model card (and push)."""
+    from ..pipeline import shadow_ft
+
+    quiet = kw.pop("quiet")
+    keys = ("base", "instruct", "data", "output", "alpha", "scope", "max_sigma", "push_to_hub", "private", "overwrite")
+    main = {k: kw.pop(k) for k in keys}
+    res = shadow_ft(**main, **kw, quiet=quiet, console=None if quiet else err)
+    if not quiet:
+        out.print(f"grafted model in {res.model}" + (f"; pushed to {res.url}" if res.url else ""))

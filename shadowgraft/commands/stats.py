@@ -1,0 +1,83 @@
+"""`shadowgraft stats`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..cli import err, out, progress_bar
+from ..errors import ShadowgraftError
+
+
+@click.command("stats")
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
+@click.option("--tuned", metavar="T", help="A fine-tuned A: also compare the change T-A with B-A, per layer.")
+@click.option("--json", "json_out", metavar="FILE|-", help="Write the report as JSON; '-' prints only JSON on stdout.")
+@click.option("--csv", "csv_out", metavar="FILE|-", help="Write one CSV row per compared tensor.")
+@click.option("--plot", "plot_out", metavar="FILE", help="Plot sigma per layer and module kind (.png, .svg or .pdf).")
+@click.option("--by", default="layer", show_default=True, type=click.Choice(["layer", "module", "tensor"]),
+              help="Table to print after the summary.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Also list the N tensors with the largest sigma (0: none; with --by tensor, 0 lists all).")
+@click.option("--threshold", default=0.05, show_default=True, type=float,
+              help="Graftable when sigma_mean is under this (the paper saw < 0.05 in all nine families).")
+@click.option("--scope", default="all", show_default=True, type=click.Choice(["all", "linear", "attn", "mlp"]),
+              help="Which tensors to compare (as in apply).")
+@click.option("--include", multiple=True, metavar="REGEX", help="Only compare names matching one of these (repeatable).")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Never compare names matching these (repeatable).")
+@click.option("--strict", is_flag=True, help="Fail if any compared tensor holds NaN or Inf values.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no tables; only the files asked for.")
+def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: str | None, plot_out: str | None,
+            by: str, top: int, threshold: float, scope: str, include: tuple, exclude: tuple, strict: bool,
+            quiet: bool) -> None:
+    """How far apart checkpoints A (base) and B (instruct) are: sigma per tensor, layer and module, and a verdict.
+
+    A and B are each a local folder, a .safetensors file, or a Hub id org/name[@revision].
+    """
+    from ..report import check_plot
+    from ..stats import stats
+
+    if json_out == "-" and csv_out == "-":
+        raise click.UsageError("only one of --json and --csv can be '-' (stdout)")
+    if plot_out:
+        check_plot(plot_out)
+    # With '-' stdout carries exactly one document; everything human goes to stderr.
+    con = err if "-" in (json_out, csv_out) else out
+    bar = progress_bar(quiet)
+    task = []
+
+    def on_start(total: int) -> None:
+        if bar is not None:
+            bar.start()
+            task.append(bar.add_task("comparing", total=total))
+
+    progress = (lambda n: bar.advance(task[0], n)) if bar is not None else None
+    try:
+        report = stats(a, b, tuned=tuned, scope=scope, include=include, exclude=exclude, threshold=threshold,
+                       progress=progress, on_start=on_start)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if strict and report.summary.n_nonfinite:
+        bad = [t for t in report.tensors if t.sums.nonfinite]
+        t = bad[0].sums
+        where = " and ".join(f"{k} in {label}" for k, label in ((t.nan_a + t.inf_a, "A"), (t.nan_b + t.inf_b, "B")) if k)
+        raise ShadowgraftError(f"'{bad[0].name}': NaN/Inf values, {where} ({len(bad)} tensor(s) affected); "
+                               "check the inputs, or drop --strict to report them per tensor")
+    if not quiet:
+        report.print(con, by=by, top=top)
+    for dest, text in ((json_out, lambda: report.to_json() + "\n"), (csv_out, report.to_csv)):
+        if dest == "-":
+            sys.stdout.write(text())
+            sys.stdout.flush()
+        elif dest:
+            with open(dest, "w", encoding="utf-8", newline="") as f:
+                f.write(text())
+            if not quiet:
+                con.print(f"wrote {dest}")
+    if plot_out:
+        report.plot(plot_out)
+        if not quiet:
+            con.print(f"wrote {plot_out}")

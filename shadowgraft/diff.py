@@ -1,0 +1,362 @@
+"""``shadowgraft.diff``: the fine-tuning change ``tuned - base`` as its own artefact.
+
+Two forms, both written atomically like ``apply``'s output:
+
+- the full delta: a sharded safetensors folder of ``D = W_tuned - W_base``
+  for the chosen scope, which ``apply --delta`` adds to any sibling instruct
+  model. The default dtype is the engine's working precision (F32 for 16-bit
+  models, F64 for F32 ones), so ``diff`` + ``apply --delta`` writes the same
+  bytes as ``apply --base --tuned``;
+- a low-rank "shadow adapter" (``rank`` / ``energy``): every 2-D delta
+  factored by truncated SVD into a standard PEFT LoRA adapter folder, one
+  tensor in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .checkpoint import Checkpoint
+from .dtypes import parse_dtype
+from .errors import ShadowgraftError
+from .header import FLOAT_DTYPES
+from .naming import module_kind
+from .plan import Item, Plan, parse_size, plan_shards, select
+from .writer import OutputDir, index_json
+
+DEFAULT_SHARD = "5GB"
+
+
+@dataclass
+class DiffResult:
+    """What ``diff`` wrote: the folder, its kind, and (low-rank) the per-tensor report."""
+
+    output: Path
+    kind: str  # "delta" or "lowrank"
+    plan: Plan | None = None
+    tensors: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes_written: int = 0
+
+
+def diff(
+    *,
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    output: str | os.PathLike,
+    rank: int | None = None,
+    energy: float | None = None,
+    dtype: str = "auto",
+    scope: str = "linear",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+    max_shard_size: str | int | None = DEFAULT_SHARD,
+    device: str = "auto",
+    strict: bool = False,
+    command: str | None = None,
+) -> DiffResult:
+    """Write ``tuned - base`` to ``output``: the full delta, or with ``rank`` / ``energy`` a PEFT LoRA adapter.
+
+    >>> shadowgraft.diff(base="./base", tuned="./tuned", output="./delta")                  # doctest: +SKIP
+    >>> shadowgraft.diff(base="./base", tuned="./tuned", output="./shadow-lora", rank=64)    # doctest: +SKIP
+    """
+    from .graft import pick_device
+
+    lowrank = rank is not None or energy is not None
+    if rank is not None and (type(rank) is not int or rank <= 0):
+        raise ShadowgraftError(f"--rank must be a positive integer, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ShadowgraftError(f"--energy must be in (0, 1], got {energy}")
+    out_dtype = parse_dtype(dtype)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ShadowgraftError(f"--dtype {dtype} is not a float type; use auto, float64, float32, bfloat16 or float16")
+    # SVD is real compute, so auto picks CUDA for it when there is one; a full delta is I/O bound.
+    dev = pick_device(device, matmul=lowrank)
+    outdir = OutputDir(Path(output), overwrite=overwrite)
+    outdir.check()
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        b = stack.enter_context(Checkpoint.open(base))
+        t = stack.enter_context(Checkpoint.open(tuned))
+        chosen, warnings = _choose(b, t, scope=scope, include=include, exclude=exclude)
+        record = {
+            "shadowgraft_version": __version__,
+            "inputs": {"base": _describe(b), "tuned": _describe(t)},
+            "scope": scope, "include": list(include), "exclude": list(exclude),
+            "command": command or _command(base, tuned, output, rank=rank, energy=energy, dtype=dtype, scope=scope,
+                                           include=include, exclude=exclude),
+            "device": dev,
+        }
+        if lowrank:
+            res = _write_lowrank(b, t, chosen, outdir, rank=rank, energy=energy, dtype=out_dtype or "F32", device=dev,
+                                strict=strict, progress=progress, on_total=on_total, record=record, warnings=warnings)
+        else:
+            res = _write_delta(b, t, chosen, outdir, dtype=out_dtype, max_shard_size=parse_size(max_shard_size),
+                               device=dev, strict=strict, progress=progress, on_total=on_total, record=record,
+                               warnings=warnings, scope=scope)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _command(base, tuned, output, *, rank, energy, dtype, scope, include, exclude) -> str:
+    """The CLI line that makes this output (also for Python API calls, where argv is someone else's)."""
+    words = ["shadowgraft", "diff", os.fspath(base), os.fspath(tuned), "--output", os.fspath(output)]
+    for flag, value in (("--rank", rank), ("--energy", energy)):
+        if value is not None:
+            words += [flag, str(value)]
+    if dtype != "auto":
+        words += ["--dtype", dtype]
+    if scope != "linear":
+        words += ["--scope", scope]
+    for flag, values in (("--include", include), ("--exclude", exclude)):
+        for v in values:
+            words += [flag, v]
+    return shlex.join(words)
+
+
+def _choose(b: Checkpoint, t: Checkpoint, *, scope, include, exclude) -> tuple[list[str], list[str]]:
+    """Names of tuned's tensors in scope, checked against base; plus warnings."""
+    pick = select(t, scope=scope, include=include, exclude=exclude)
+    chosen = [n for n in t.tensors if pick(n)]
+    problems = []
+    for n in chosen:
+        if n not in b:
+            problems.append(f"'{n}' is missing from base ({b.source})")
+        elif b[n].shape != t[n].shape:
+            problems.append(f"'{n}': base {tuple(b[n].shape)} != tuned {tuple(t[n].shape)}")
+        elif not (b[n].is_float and t[n].is_float):
+            problems.append(f"'{n}' is {b[n].dtype} in base and {t[n].dtype} in tuned; only float tensors have a delta")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ShadowgraftError("; ".join(problems[:3]) + more + "; exclude them with --exclude REGEX or fix the inputs")
+    if not chosen:
+        raise ShadowgraftError(f"no tensor of {t.source} is selected by --scope {scope}/--include/--exclude; nothing to diff")
+    warnings = []
+    extra = [n for n in b.tensors if n not in t.tensors]
+    if extra:
+        warnings.append(f"{len(extra)} tensor(s) only in base are ignored: {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}")
+    return chosen, warnings
+
+
+def delta_dtype(base_dtype: str, tuned_dtype: str) -> str:
+    """The engine's working precision for this pair, which ``--dtype auto`` stores exactly.
+
+    >>> delta_dtype("BF16", "BF16"), delta_dtype("F32", "F32")
+    ('F32', 'F64')
+    """
+    return "F64" if {base_dtype, tuned_dtype} & {"F32", "F64"} else "F32"
+
+
+def plan_delta(b: Checkpoint, t: Checkpoint, chosen: list[str], *, dtype: str | None = None,
+               max_shard_size: int | None = None, scope: str = "linear", warnings: Sequence[str] = ()) -> Plan:
+    """One ``delta`` item per chosen tensor: the engine writes ``tuned - base`` (src = tuned, deltas = (base,))."""
+    items = [Item(n, "delta", dtype or delta_dtype(b[n].dtype, t[n].dtype), t[n], (b[n],)) for n in chosen]
+    return Plan(tuple(plan_shards(t, items, max_shard_size)), 1.0, scope, tuple(warnings))
+
+
+def _write_delta(b, t, chosen, outdir: OutputDir, *, dtype, max_shard_size, device, strict, progress, on_total, record,
+                 warnings, scope) -> DiffResult:
+    from .engine import Engine
+
+    plan = plan_delta(b, t, chosen, dtype=dtype, max_shard_size=max_shard_size, scope=scope, warnings=warnings)
+    outdir.check_space(plan.nbytes)
+    if on_total is not None:
+        on_total(plan.nbytes)
+    engine = Engine([b, t], device=device, progress=progress)
+    t0 = time.perf_counter()
+    with outdir as tmp:
+        for shard in plan.shards:
+            engine.write_shard(shard, tmp / shard.file, 1.0)
+        if len(plan.shards) > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(plan.shards), indent=2) + "\n")
+        _verify(tmp, plan)
+        if strict and engine.stats.nonfinite:
+            name, count = next(iter(engine.stats.nonfinite.items()))
+            raise ShadowgraftError(f"'{name}': {count} NaN/Inf value(s) in the delta; check the inputs, or drop --strict")
+        record.update(kind="delta", formula="D = W_tuned - W_base", alpha=1.0,
+                      dtype=sorted({i.dtype for i in plan.items}),
+                      tensors=[i.name for i in plan.items], nonfinite=engine.stats.nonfinite,
+                      seconds=round(time.perf_counter() - t0, 3), warnings=list(warnings),
+                      usage="shadowgraft apply --instruct INSTRUCT --delta THIS_FOLDER --output OUT")
+        (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_card(tmp, record)
+    return DiffResult(outdir.final, "delta", plan=plan, warnings=list(warnings), bytes_written=engine.stats.bytes_written)
+
+
+def _write_lowrank(b, t, chosen, outdir: OutputDir, *, rank, energy, dtype, device, strict, progress, on_total, record,
+                   warnings) -> DiffResult:
+    from .lowrank import AdapterWriter, adapter_config, factorize, is_conv1d
+    from .stream import Reader
+
+    model_type, task_type = _model_kind(t)
+    total_in = sum(t[n].nbytes + b[n].nbytes for n in chosen)
+    if on_total is not None:
+        on_total(total_in)
+    progress = progress or (lambda n: None)
+    reader = Reader([b, t], device=device)
+
+    def delta(n: str):
+        # One tensor at a time: both inputs upcast into reused buffers, subtracted in place.
+        return reader.load_float("t", t[n], 0, t[n].numel).sub_(reader.load_float("b", b[n], 0, b[n].numel)).view(t[n].shape)
+
+    def not_matrix(n: str) -> str | None:
+        if len(t[n].shape) != 2:
+            return f"{len(t[n].shape)}-D"
+        return None if n.endswith(".weight") else "not a module weight"
+
+    if strict:
+        # Refuse before the output folder exists; vectors are small, so reading them twice is cheap.
+        for n in chosen:
+            why = not_matrix(n)
+            if why and bool(delta(n).any()):
+                raise ShadowgraftError(f"'{n}': a {why} delta cannot be stored as LoRA factors; drop --strict to leave it "
+                                       "out (it is reported), or skip it with --exclude")
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    with outdir as tmp:
+        writer = AdapterWriter(tmp, dtype=dtype)
+        try:
+            for n in chosen:
+                ti, bi = t[n], b[n]
+                d = delta(n)
+                norm2 = float(d.double().square().sum())
+                row = {"name": n, "shape": list(ti.shape), "norm": norm2 ** 0.5}
+                module = n[: -len(".weight")]
+                why = not_matrix(n)
+                if why:
+                    row.update(status="zero" if norm2 == 0 else f"dropped ({why})", rank=0, energy=0.0 if norm2 else 1.0)
+                else:
+                    emb = is_embedding(n)
+                    # PEFT's change for embeddings and Conv1D is (B @ A).T: factor the transpose.
+                    tr = emb or is_conv1d(module, model_type)
+                    f = factorize(d.T if tr else d, rank=rank, energy=energy)
+                    if f is None:
+                        row.update(status="zero", rank=0, energy=1.0, rel_error=0.0)
+                    else:
+                        writer.add(module, f, embedding=emb)
+                        row.update(status="lora", rank=f.rank, energy=f.energy, rel_error=f.rel_error, method=f.method,
+                                   transposed=tr)
+                rows.append(row)
+                progress(ti.nbytes + bi.nbytes)
+            if not writer.ranks:
+                raise ShadowgraftError("every selected delta is zero or not a matrix, so there is no adapter to write; "
+                                       "check --scope/--include, or diff without --rank")
+            conv = any(is_conv1d(m, model_type) and m not in writer.embeddings for m in writer.ranks)
+            base_id = record["inputs"]["base"].get("repo_id") or record["inputs"]["base"]["path"]
+            modules = {m[: -len(".weight")] for m in t.tensors if m.endswith(".weight")}
+            config = adapter_config(ranks=writer.ranks, modules_in_model=modules, fan_in_fan_out=conv,
+                                    base_model=base_id, task_type=task_type)
+            writer.finish(config)
+        finally:
+            writer.close()
+        summary = _summary(rows, writer.nbytes)
+        record.update(kind="lowrank", formula="W_tuned - W_base ~ B @ A (lora_alpha = r, so scale 1)", rank=rank,
+                      energy=energy, dtype=dtype, summary=summary, tensors=rows, warnings=list(warnings),
+                      seconds=round(time.perf_counter() - t0, 3),
+                      usage="shadowgraft apply --instruct INSTRUCT --adapter THIS_FOLDER --output OUT")
+        (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_card(tmp, record)
+    return DiffResult(outdir.final, "lowrank", tensors=rows, summary=summary, warnings=list(warnings),
+                      bytes_written=writer.nbytes)
+
+
+def _summary(rows: list[dict], nbytes: int) -> dict:
+    lora = [r for r in rows if r["status"] == "lora"]
+    total = sum(r["norm"] ** 2 for r in rows)
+    kept = sum(r["norm"] ** 2 * r["energy"] for r in lora) + sum(r["norm"] ** 2 for r in rows if r["status"] == "zero")
+    resid = sum((r["norm"] * r["rel_error"]) ** 2 for r in lora) + sum(r["norm"] ** 2 for r in rows if r["status"].startswith("dropped"))
+    worst = min(lora, key=lambda r: r["energy"]) if lora else None
+    return {
+        "modules": len(lora),
+        "dropped": sum(1 for r in rows if r["status"].startswith("dropped")),
+        "zero": sum(1 for r in rows if r["status"] == "zero"),
+        "rank_min": min((r["rank"] for r in lora), default=0),
+        "rank_max": max((r["rank"] for r in lora), default=0),
+        # Over every selected tensor, dropped ones counting as fully lost.
+        "energy_total": kept / total if total else 1.0,
+        "rel_error_total": (resid / total) ** 0.5 if total else 0.0,
+        "energy_mean": sum(r["energy"] for r in lora) / len(lora) if lora else 0.0,
+        "energy_min": worst["energy"] if worst else 0.0,
+        "worst": worst["name"] if worst else None,
+        "adapter_bytes": nbytes,
+    }
+
+
+def _model_kind(ck: Checkpoint) -> tuple[str | None, str | None]:
+    """``(model_type, PEFT task_type)`` from the checkpoint's config.json, when it has one."""
+    f = ck.root / "config.json" if ck.root is not None else None
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8")) if f is not None and f.is_file() else {}
+    except (UnicodeDecodeError, ValueError):
+        cfg = {}
+    archs = cfg.get("architectures") or []
+    causal = any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
+    return cfg.get("model_type"), "CAUSAL_LM" if causal else None
+
+
+def _verify(folder: Path, plan: Plan) -> None:
+    """Re-open what was written the way a user will and compare it with the plan."""
+    with Checkpoint.open(folder) as ck:
+        if {t.name: (t.dtype, t.shape) for t in ck} != {i.name: (i.dtype, i.shape) for i in plan.items}:
+            raise ShadowgraftError(f"{folder}: written delta does not match the plan; this is a bug, please report it")
+
+
+def _describe(ck: Checkpoint) -> dict:
+    d: dict = {"source": ck.source}
+    if ck.repo_id:
+        d.update(repo_id=ck.repo_id, revision=ck.revision, commit=ck.commit)
+    else:
+        d["path"] = str(Path(ck.source).absolute())
+    d["header_sha256"] = ck.header_hashes()
+    return d
+
+
+def write_card(folder: Path, record: dict) -> None:
+    """README.md for a delta or shadow adapter: what it is, its inputs pinned, and how to use it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .card import pinned_command
+
+    base = record["inputs"]["base"]
+    lowrank = record["kind"] == "lowrank"
+    data = ModelCardData(
+        base_model=base.get("repo_id"),
+        base_model_relation="adapter" if lowrank and base.get("repo_id") else None,
+        library_name="peft" if lowrank else None,
+        tags=["shadow-ft", "shadowgraft", "lora" if lowrank else "delta"],
+    )
+    what = ("a PEFT LoRA adapter approximating the fine-tuning change W_tuned - W_base (scale 1: B @ A is the change)"
+            if lowrank else "the fine-tuning change D = W_tuned - W_base, tensor by tensor")
+    use = ("shadowgraft apply --instruct INSTRUCT --adapter THIS_FOLDER --output OUT" if lowrank
+           else "shadowgraft apply --instruct INSTRUCT --delta THIS_FOLDER --output OUT")
+    lines = [f"# Shadow-FT {'shadow adapter' if lowrank else 'delta'}", "", f"Made with shadowgraft: {what}.", "",
+             "| input | source | revision |", "|---|---|---|"]
+    for label, d in record["inputs"].items():
+        lines.append(f"| {label} | `{d.get('repo_id') or d.get('path') or d.get('source')}` | `{d.get('commit') or '-'}` |")
+    if lowrank:
+        s = record["summary"]
+        lines += ["", f"{s['modules']} modules, ranks {s['rank_min']}..{s['rank_max']}; the adapter keeps "
+                  f"{100 * s['energy_total']:.2f}% of the change's energy (relative Frobenius error {s['rel_error_total']:.4f}); "
+                  f"{s['dropped']} tensor(s) that are not matrices were left out."]
+    lines += ["", "Graft it onto an instruct sibling of the base model:", "", f"    {use}", "",
+              "Reproduce with:", "", f"    {pinned_command(record)}", ""]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    card.save(Path(folder) / "README.md")
+
+
+def is_embedding(name: str) -> bool:
+    """Embedding tables get PEFT's ``lora_embedding_A/B`` (their change is ``(B @ A).T``)."""
+    return module_kind(name) == "embed"

@@ -1,0 +1,395 @@
+"""Read a PEFT LoRA adapter and plan its merge into an instruct checkpoint.
+
+A LoRA adapter trained on BASE is a low-rank change ``scale * B @ A`` per
+module, so the Shadow-FT graft is ``W_instruct + alpha * scale * B @ A``.
+PEFT's conventions are followed exactly (``peft.tuners.lora``):
+
+- keys ``base_model.model.<module>.lora_A.weight`` (r x in) and
+  ``lora_B.weight`` (out x r); embeddings store ``lora_embedding_A`` (r x vocab)
+  and ``lora_embedding_B`` (dim x r) and their change is ``(B @ A).T``;
+- ``scale = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``;
+  ``rank_pattern`` / ``alpha_pattern`` override r and alpha per module, the
+  first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)`` winning;
+- ``fan_in_fan_out`` (GPT-2 Conv1D) means the weight is stored (in, out), so
+  the change is ``(B @ A).T``.
+
+Anything whose merge is not that sum (DoRA, trained biases, modules_to_save,
+PiSSA-style inits that rewrite base, other variants) is refused with the
+option named and a way out: merge the adapter into base with PEFT, then graft
+with ``--base BASE --tuned MERGED``, which is exact for every adapter type.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .checkpoint import REPO_ID, Checkpoint, _pickle_refusal
+from .errors import ShadowgraftError
+from .header import TensorInfo
+from .naming import module_kind
+from .plan import LoraTerm, Plan, items_with, plan_shards, select
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+HUB_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
+PREFIX = "base_model.model."
+MERGE_HINT = ("merge it into base with PEFT (PeftModel.merge_and_unload().save_pretrained(DIR)) "
+              "and graft with --base BASE --tuned DIR instead")
+
+_LINEAR_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
+_EMBED_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)(?:\.(?P<name>[^.]+))?$")
+
+# Config options that change what a merge means; any truthy value is refused.
+_VARIANTS = {
+    "use_dora": "DoRA rescales each weight by a magnitude learned against base's own norms, so it is not a change that can be added to instruct",
+    "lora_bias": "lora_bias trains a bias on lora_B, which is not supported here",
+    "use_qalora": "QA-LoRA pools the input groups of a quantized base, so its merge is not W + B @ A",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) only acts after its invocation tokens and cannot be merged",
+    "layer_replication": "layer_replication changes the model's layer stack",
+    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts) is not supported here",
+    "trainable_token_indices": "trainable_token_indices stores whole new embedding rows learned on base",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported here",
+    "arrow_config": "Arrow routing (arrow_config) mixes several adapters per token and cannot be merged",
+    "kasa_config": "KaSA (kasa_config) is not supported here",
+    "velora_config": "VeLoRA (velora_config) is not supported here",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported here",
+}
+# Initialisations that subtract the initial adapter from base's weights, so
+# the saved adapter only makes sense on that rewritten base.
+_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: its factors and the scale PEFT gives it."""
+
+    module: str  # e.g. model.layers.0.self_attn.q_proj
+    a: TensorInfo
+    b: TensorInfo
+    r: int
+    alpha: float
+    scale: float
+    embedding: bool  # lora_embedding_A/B: the change is (B @ A).T
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter on disk (local folder or Hub snapshot), parsed and checked.
+
+    >>> ad = open_adapter("./lora-on-base")                 # doctest: +SKIP
+    >>> ad.config["r"], len(ad.modules)                     # doctest: +SKIP
+    (16, 196)
+    """
+
+    source: str
+    path: Path
+    config: dict
+    checkpoint: Checkpoint
+    modules: tuple[LoraModule, ...]
+    frozen_copies: tuple[str, ...]  # full base weights PEFT saved alongside (save_embedding_layers)
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """What the engine must be able to read from."""
+        return [self.checkpoint]
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    def describe(self) -> dict:
+        """Provenance for ``shadowgraft.json``."""
+        d: dict = {"source": self.source}
+        if self.repo_id:
+            d.update(repo_id=self.repo_id, revision=self.revision, commit=self.commit)
+        else:
+            d["path"] = str(self.path.absolute())
+        d["header_sha256"] = self.checkpoint.header_hashes()
+        c = self.config
+        d.update(peft_type=c.get("peft_type"), r=c.get("r"), lora_alpha=c.get("lora_alpha"),
+                 use_rslora=bool(c.get("use_rslora", False)), target_modules=c.get("target_modules"),
+                 rank_pattern=c.get("rank_pattern") or {}, alpha_pattern=c.get("alpha_pattern") or {},
+                 fan_in_fan_out=self.fan_in_fan_out, base_model_name_or_path=c.get("base_model_name_or_path"),
+                 modules=len(self.modules))
+        return d
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+    def __enter__(self) -> "Adapter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_adapter(spec: str | os.PathLike) -> Adapter:
+    """Open a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) or Hub id.
+
+    Every key and config option is checked here, before any output exists.
+
+    >>> open_adapter("someone/llama-lora@main").config["peft_type"]   # doctest: +SKIP
+    'LORA'
+    """
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    repo = None
+    if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
+        path = path.parent
+    if not path.exists():
+        if isinstance(spec, str) and REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+            from . import hub  # lazy: only Hub users pay for it
+
+            repo = hub.resolve(text, patterns=HUB_PATTERNS)
+            path = repo.path
+        else:
+            raise FileNotFoundError(f"{text}: no such adapter folder (and not a Hub repo id)")
+    if not path.is_dir():
+        raise ShadowgraftError(f"{path}: an adapter is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = _read_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise _pickle_refusal(path / "adapter_model.bin")
+        raise ShadowgraftError(f"{path}: no {WEIGHTS_NAME}; save the adapter with PEFT's save_pretrained()")
+    ck = Checkpoint.open(weights)
+    try:
+        modules, frozen = _parse_keys(ck, config, source=text)
+    except BaseException:
+        ck.close()
+        raise
+    ad = Adapter(text, path, config, ck, modules, frozen)
+    if repo is not None:
+        ad.repo_id, ad.revision, ad.commit = repo.repo_id, repo.revision, repo.commit
+    return ad
+
+
+def _read_config(folder: Path) -> dict:
+    f = folder / CONFIG_NAME
+    if not f.is_file():
+        if (folder / "shadowgraft.json").is_file() and '"kind": "delta"' in (folder / "shadowgraft.json").read_text():
+            raise ShadowgraftError(f"{folder}: a full delta written by shadowgraft diff, not an adapter; pass it with --delta")
+        raise ShadowgraftError(f"{folder}: no {CONFIG_NAME}; this is not a PEFT adapter folder")
+    try:
+        c = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ShadowgraftError(f"{f}: not valid JSON; re-save the adapter with PEFT") from None
+    if not isinstance(c, dict):
+        raise ShadowgraftError(f"{f}: not a JSON object; re-save the adapter with PEFT")
+    ptype = str(c.get("peft_type", "")).upper()
+    if ptype != "LORA":
+        raise ShadowgraftError(f"{f}: peft_type '{c.get('peft_type')}' is not supported; only LORA adapters can be grafted, "
+                               f"otherwise {MERGE_HINT}")
+    for opt, why in _VARIANTS.items():
+        if c.get(opt):
+            raise ShadowgraftError(f"{f}: {opt} is set: {why}; {MERGE_HINT}")
+    init = str(c.get("init_lora_weights", True)).lower()
+    if init.startswith(_REWRITING_INITS):
+        raise ShadowgraftError(
+            f"{f}: init_lora_weights='{c.get('init_lora_weights')}' subtracts the initial adapter from base's weights, so the "
+            "adapter only fits that rewritten base; convert it with save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+            f"or {MERGE_HINT}")
+    r, alpha = c.get("r"), c.get("lora_alpha")
+    if type(r) is not int or r <= 0 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise ShadowgraftError(f"{f}: needs a positive integer 'r' and a number 'lora_alpha' (got r={r!r}, lora_alpha={alpha!r})")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(c.get(key) or {}, dict):
+            raise ShadowgraftError(f"{f}: '{key}' must map module patterns to numbers")
+    return c
+
+
+def pattern_key(keys: Sequence[str], module: str) -> str | None:
+    """The ``rank_pattern`` / ``alpha_pattern`` key PEFT applies to ``module`` (first match wins), or None.
+
+    >>> pattern_key(["q_proj", "layers.1.mlp.up_proj"], "model.layers.1.mlp.up_proj")
+    'layers.1.mlp.up_proj'
+    """
+    for k in keys:
+        try:
+            if re.match(rf"(.*\.)?({k})$", module):
+                return k
+        except re.error as e:
+            raise ShadowgraftError(f"{CONFIG_NAME}: pattern key '{k}' is not a valid regular expression ({e}); fix the adapter config") from None
+    return None
+
+
+def module_scale(config: dict, module: str) -> tuple[int, float, float]:
+    """``(r, lora_alpha, scale)`` that PEFT gives ``module`` under ``config``.
+
+    >>> module_scale({"r": 16, "lora_alpha": 32, "use_rslora": True}, "model.layers.0.self_attn.q_proj")
+    (16, 32, 8.0)
+    """
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rk, ak = pattern_key(list(ranks), module), pattern_key(list(alphas), module)
+    r = ranks[rk] if rk is not None else config["r"]
+    alpha = alphas[ak] if ak is not None else config["lora_alpha"]
+    if type(r) is not int or r <= 0 or not isinstance(alpha, (int, float)):
+        raise ShadowgraftError(f"{CONFIG_NAME}: module '{module}' gets r={r!r}, lora_alpha={alpha!r} (r, lora_alpha, "
+                               "rank_pattern, alpha_pattern); r must be a positive integer and lora_alpha a number")
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return r, alpha, scale
+
+
+def _parse_keys(ck: Checkpoint, config: dict, *, source: str) -> tuple[tuple[LoraModule, ...], tuple[str, ...]]:
+    where = f"{source} ({WEIGHTS_NAME})"
+    parts: dict[tuple[str, bool], dict[str, TensorInfo]] = {}
+    names: set[str] = set()
+    frozen: list[str] = []
+    keep = config.get("modules_to_save") or []
+    for key, info in ck.tensors.items():
+        if not key.startswith(PREFIX):
+            raise ShadowgraftError(f"{where}: key '{key}' does not start with '{PREFIX}'; this is not a PEFT adapter saved with save_pretrained()")
+        rest = key[len(PREFIX):]
+        if "lora_magnitude_vector" in rest:
+            raise ShadowgraftError(f"{where}: '{key}' is a DoRA magnitude (use_dora): {_VARIANTS['use_dora']}; {MERGE_HINT}")
+        m = _LINEAR_KEY.match(rest) or _EMBED_KEY.match(rest)
+        if m:
+            if m.group("name"):
+                names.add(m.group("name"))
+            emb = m.group("part").startswith("lora_embedding")
+            parts.setdefault((m.group("module"), emb), {})[m.group("part")[-1]] = info
+            continue
+        module = rest.rsplit(".", 1)[0]
+        if "trainable_tokens" in rest:
+            raise ShadowgraftError(f"{where}: '{key}' holds trainable token rows (trainable_token_indices): "
+                                   f"{_VARIANTS['trainable_token_indices']}; {MERGE_HINT}")
+        if rest.endswith("lora_B.bias"):
+            raise ShadowgraftError(f"{where}: '{key}' is a LoRA bias (lora_bias): {_VARIANTS['lora_bias']}; {MERGE_HINT}")
+        if any(module == k or module.endswith("." + k) or module.startswith(k + ".") or f".{k}." in module for k in keep):
+            raise ShadowgraftError(
+                f"{where}: '{key}' is a whole module trained on base (modules_to_save={keep}); its learned change cannot be "
+                f"told apart from base's values without base; {MERGE_HINT}")
+        if rest.endswith(".bias"):
+            raise ShadowgraftError(
+                f"{where}: '{key}' is a bias trained on base (bias='{config.get('bias')}'); the adapter stores its whole "
+                f"trained value, not a change, so it cannot be grafted without base; retrain with bias='none' or {MERGE_HINT}")
+        if rest.endswith(".base_layer.weight") or module_kind(rest) in ("embed", "lm_head"):
+            # PEFT's save_embedding_layers stores base's frozen embedding
+            # weights next to the adapter; they are no change to graft.
+            frozen.append(rest.replace(".base_layer.", "."))
+            continue
+        raise ShadowgraftError(f"{where}: key '{key}' is not a LoRA factor (lora_A/lora_B/lora_embedding_A/B) and cannot be grafted; "
+                               "remove it or " + MERGE_HINT)
+    if len(names) > 1:
+        raise ShadowgraftError(f"{where}: holds several adapters ({', '.join(sorted(names))}); save each one alone with save_pretrained()")
+    modules = []
+    for (module, emb), ab in sorted(parts.items()):
+        kind = "lora_embedding_" if emb else "lora_"
+        if set(ab) != {"A", "B"}:
+            have, miss = next(iter(ab)), ({"A", "B"} - set(ab)).pop()
+            raise ShadowgraftError(f"{where}: '{module}' has {kind}{have} but no {kind}{miss}; the adapter file is incomplete")
+        a, b = ab["A"], ab["B"]
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            raise ShadowgraftError(f"{where}: '{module}' has {len(a.shape)}-D LoRA factors (a convolution LoRA); only Linear, "
+                                   "Conv1D and Embedding adapters can be grafted")
+        if not (a.is_float and b.is_float):
+            raise ShadowgraftError(f"{where}: '{module}' factors are {a.dtype}/{b.dtype}; quantized adapters cannot be grafted, "
+                                   "save a float copy with PEFT")
+        r, alpha, scale = module_scale(config, module)
+        if a.shape[0] != r or b.shape[1] != r:
+            raise ShadowgraftError(f"{where}: '{module}' factors have rank {a.shape[0]}/{b.shape[1]} but {CONFIG_NAME} gives r={r} "
+                                   "(r / rank_pattern); the config does not match the weights")
+        modules.append(LoraModule(module, a, b, r, alpha, scale, emb))
+    if not modules:
+        raise ShadowgraftError(f"{where}: no LoRA factors (lora_A/lora_B) found; the adapter is empty")
+    return tuple(modules), tuple(frozen)
+
+
+def plan_adapter(
+    ins: Checkpoint,
+    ad: Adapter,
+    *,
+    alpha: float = 1.0,
+    scope: str = "linear",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+) -> Plan:
+    """Plan ``W_instruct + alpha * scale * B @ A`` for every adapted module; every other tensor is copied.
+
+    Terms outside ``scope`` / ``include`` / ``exclude`` are left out with a
+    warning; a module with no matching instruct tensor, or a shape that does
+    not fit, is an error naming it.
+
+    >>> plan = plan_adapter(Checkpoint.open("./instruct"), open_adapter("./lora"))   # doctest: +SKIP
+    >>> plan.grafted[:1]                                                             # doctest: +SKIP
+    ['model.layers.0.self_attn.q_proj.weight']
+    """
+    pick = select(ins, scope=scope, include=include, exclude=exclude)
+    terms: dict[str, LoraTerm] = {}
+    problems, skipped = [], []
+    renamed = []
+    for mod in ad.modules:
+        target = _target(ins, mod.module)
+        if target is None:
+            problems.append(_no_target(ins, mod))
+            continue
+        if target != f"{mod.module}.weight":
+            renamed.append(f"{mod.module} -> {target}")
+        if not pick(target):
+            skipped.append(target)
+            continue
+        w = ins[target]
+        # Embeddings and fan_in_fan_out (Conv1D) weights hold (B @ A).T.
+        transpose = mod.embedding or ad.fan_in_fan_out
+        rows, cols = mod.b.shape[0], mod.a.shape[1]
+        want = (cols, rows) if transpose else (rows, cols)
+        if not w.is_float:
+            problems.append(f"'{target}' is {w.dtype} in instruct, which cannot be grafted")
+        elif tuple(w.shape) != want:
+            hint = ""
+            if not mod.embedding and tuple(w.shape) == want[::-1]:
+                hint = f" (it fits transposed: fan_in_fan_out should be {not ad.fan_in_fan_out} in {CONFIG_NAME})"
+            problems.append(f"'{target}': instruct {tuple(w.shape)} does not fit the adapter's change {want}{hint}")
+        else:
+            terms[target] = LoraTerm(mod.a, mod.b, mod.scale, transpose, adapter=ad.checkpoint)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ShadowgraftError(f"adapter {ad.source}: " + "; ".join(problems[:3]) + more)
+    warnings = []
+    if renamed:
+        warnings.append(f"{len(renamed)} adapter module(s) matched instruct through its model prefix, as transformers loads them: "
+                        f"{_names(renamed)}")
+    if skipped:
+        warnings.append(f"{len(skipped)} adapter term(s) not selected by --scope {scope}/--include/--exclude are left out: "
+                        f"{_names(skipped)}; pass --scope all to graft them")
+    if ad.frozen_copies:
+        warnings.append(f"the adapter also stores full copies of {_names(list(ad.frozen_copies))} (PEFT save_embedding_layers); "
+                        "they are base's frozen weights and are not grafted")
+    items = items_with(ins, dtype, terms)
+    return Plan(tuple(plan_shards(ins, items, max_shard_size)), alpha, scope, tuple(warnings))
+
+
+def _target(ins: Checkpoint, module: str) -> str | None:
+    """The instruct tensor for ``module``: its own name, else (as transformers does with a model's
+    ``base_model_prefix``) the name with its first component dropped or one component added."""
+    name = f"{module}.weight"
+    if name in ins:
+        return name
+    head, _, rest = name.partition(".")
+    if rest and rest in ins:
+        return rest
+    one_more = [n for n in ins.tensors if n.endswith("." + name) and n.count(".") == name.count(".") + 1]
+    return one_more[0] if len(one_more) == 1 else None
+
+
+def _no_target(ins: Checkpoint, mod: LoraModule) -> str:
+    want = f"{mod.module}.weight"
+    tail = want.partition(".")[2] or want
+    close = [n for n in ins.tensors if n.endswith("." + tail) or n == tail]
+    hint = f" (instruct has '{close[0]}': the adapter was trained on a model with other module names)" if close else ""
+    return f"adapter module '{mod.module}' matches no instruct tensor '{want}'{hint}"
+
+
+def _names(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (", ..." if len(names) > k else "")

@@ -1,0 +1,376 @@
+"""``shadowgraft.stats``: how far apart two checkpoints are, per tensor, layer and module.
+
+Tensors are streamed through the same reader as ``apply`` (pread into reused
+buffers, fp32 chunks, float64 sums), so memory stays flat whatever the model
+size. The headline number, ``summary.sigma_mean``, is the Shadow-FT paper's:
+the unweighted mean of sigma over the tensors inside transformer blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import statistics
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from .checkpoint import Checkpoint
+from .errors import ShadowgraftError
+from .header import DTYPE_BITS, TensorInfo
+from .metrics import DeltaSums, Sums, chunk_sums
+from .naming import block_index, family, module_kind
+from .plan import select
+from .report import Group, Mismatch, Report, Summary, TensorRow
+
+# 256K elements: the three fp32 rows [A | B | A-B] and their scratch (6 MB)
+# stay in cache between the passes over a chunk, which is what makes several
+# passes cheap; larger chunks measured no faster.
+STATS_CHUNK = 1 << 18
+
+# The paper found all nine model families it studied under this gap.
+THRESHOLD = 0.05
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """One tensor to compare: the first ``numel`` elements of ``a`` and ``b`` (and ``tuned``)."""
+
+    name: str
+    a: TensorInfo
+    b: TensorInfo
+    shape: tuple[int, ...]  # of the compared part
+    tuned: TensorInfo | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def stats(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    *,
+    tuned: str | os.PathLike | None = None,
+    scope: str = "all",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    threshold: float = THRESHOLD,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    chunk: int = STATS_CHUNK,
+    workers: int | None = None,
+) -> Report:
+    """Compare checkpoint ``a`` (base) with ``b`` (instruct); with ``tuned``, also compare T-A with B-A.
+
+    ``progress(nbytes)`` is called after each chunk; ``on_start(total_bytes)``
+    once before reading. ``chunk`` (elements) and ``workers`` (threads,
+    default ``default_workers()``) only change speed, not results.
+
+    >>> r = shadowgraft.stats("Qwen/Qwen3-4B-Base", "Qwen/Qwen3-4B-Instruct-2507")  # doctest: +SKIP
+    >>> round(r.summary.sigma_mean, 4)                                              # doctest: +SKIP
+    0.0562
+    """
+    if not (threshold > 0 and math.isfinite(threshold)):
+        raise ShadowgraftError(f"--threshold must be a positive number, got {threshold}")
+    if chunk < 1:
+        raise ShadowgraftError(f"chunk must be at least 1 element, got {chunk}")
+    from .stream import Reader
+
+    with ExitStack() as stack:
+        cka = stack.enter_context(Checkpoint.open(a))
+        ckb = stack.enter_context(Checkpoint.open(b))
+        ckt = stack.enter_context(Checkpoint.open(tuned)) if tuned is not None else None
+        m = _match(cka, ckb, ckt, scope=scope, include=include, exclude=exclude)
+        if not m.pairs:
+            raise ShadowgraftError(
+                f"{cka.source} and {ckb.source} have no floating tensor of the same name in common"
+                + (" inside --scope/--include/--exclude" if scope != "all" or include or exclude else "")
+                + "; check that both are the same architecture"
+            )
+        reader = Reader([c for c in (cka, ckb, ckt) if c is not None], chunk=chunk)
+        total = sum(_pair_bytes(p) for p in m.pairs)
+        if on_start is not None:
+            on_start(total)
+        t0 = time.perf_counter()
+        measured = _measure(m.pairs, reader, progress or (lambda n: None), workers or default_workers())
+        seconds = time.perf_counter() - t0
+    rows = [_row(p, s, d) for p, (s, d) in zip(m.pairs, measured)]
+    return Report(
+        a=cka.source, b=ckb.source, tuned=ckt.source if ckt is not None else None,
+        summary=summarize(rows, threshold=threshold, tuned=ckt is not None),
+        tensors=rows, layers=group_rows(rows, by="layer"), modules=group_rows(rows, by="module"),
+        only_in_a=m.only_a, only_in_b=m.only_b, mismatched=m.mismatched, skipped=m.skipped,
+        tuned_missing=m.tuned_missing, seconds=seconds, bytes_read=total,
+    )
+
+
+# -- which tensors to compare ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Matched:
+    pairs: list[_Pair]
+    only_a: list[str]
+    only_b: list[str]
+    mismatched: list[Mismatch]
+    skipped: list[str]  # in both, not floating point
+    tuned_missing: list[str]  # compared A/B pairs that T lacks or has in another shape
+
+
+def _match(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None, *, scope: str, include: Sequence[str],
+           exclude: Sequence[str]) -> _Matched:
+    pick_a = select(cka, scope=scope, include=include, exclude=exclude)
+    pick_b = select(ckb, scope=scope, include=include, exclude=exclude)
+    named = _name_filter(include, exclude)
+    pairs, only_a, mismatched, skipped, tuned_missing = [], [], [], [], []
+    for ta in cka:
+        tb = ckb.tensors.get(ta.name)
+        if not ta.is_float or (tb is not None and not tb.is_float):
+            # Integer buffers (position ids, masks) carry no weights to compare.
+            if tb is not None and named(ta.name):
+                skipped.append(ta.name)
+            continue
+        if not pick_a(ta.name):
+            continue
+        if tb is None:
+            only_a.append(ta.name)
+            continue
+        shape = _overlap(ta.shape, tb.shape)
+        if ta.shape != tb.shape or ta.dtype != tb.dtype:
+            how = "all" if ta.shape == tb.shape else (f"first {shape[0]} rows" if shape is not None else "none")
+            mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype, how))
+        if shape is None:
+            continue
+        tt = None
+        if ckt is not None:
+            cand = ckt.tensors.get(ta.name)
+            if cand is not None and cand.is_float and cand.shape == ta.shape == tb.shape:
+                tt = cand
+            else:
+                tuned_missing.append(ta.name)
+        pairs.append(_Pair(ta.name, ta, tb, shape, tt))
+    only_b = [tb.name for tb in ckb if tb.name not in cka and tb.is_float and pick_b(tb.name)]
+    return _Matched(pairs, only_a, only_b, mismatched, skipped, tuned_missing)
+
+
+def _name_filter(include: Sequence[str], exclude: Sequence[str]) -> Callable[[str], bool]:
+    # The patterns were already validated by ``select``.
+    inc, exc = [re.compile(p) for p in include], [re.compile(p) for p in exclude]
+    return lambda n: (not inc or any(r.search(n) for r in inc)) and not any(r.search(n) for r in exc)
+
+
+def _overlap(sa: tuple[int, ...], sb: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The comparable part: the whole tensor, or the shared first rows of a resized one (e.g. a vocabulary)."""
+    if sa == sb:
+        return sa
+    if len(sa) == len(sb) and len(sa) >= 1 and sa[1:] == sb[1:]:
+        return (min(sa[0], sb[0]), *sa[1:])
+    return None
+
+
+def _pair_bytes(p: _Pair) -> int:
+    return p.numel * _bytes_per_element(p)
+
+
+def _bytes_per_element(p: _Pair) -> int:
+    infos = (p.a, p.b) + ((p.tuned,) if p.tuned is not None else ())
+    return sum(DTYPE_BITS[i.dtype] // 8 for i in infos)
+
+
+# -- streaming --------------------------------------------------------------
+
+
+def _measure(pairs: list[_Pair], reader, progress: Callable[[int], None], workers: int) -> list[tuple[Sums, DeltaSums | None]]:
+    """Sums of every pair, chunk by chunk; chunks run on ``workers`` threads, results are added in order."""
+    import torch
+
+    for p in pairs:
+        # Open every file now: workers must not race to open (and leak) descriptors.
+        for info in (p.a, p.b, p.tuned):
+            if info is not None:
+                reader.fd(info)
+    tasks = [(k, s, min(reader.chunk, p.numel - s)) for k, p in enumerate(pairs) for s in range(0, p.numel, reader.chunk)]
+    first = {}
+    for i, (k, _, _) in enumerate(tasks):
+        first.setdefault(k, i)
+    totals = [(Sums(), DeltaSums() if p.tuned is not None else None) for p in pairs]
+    slot = threading.local()
+    ids = itertools.count()
+
+    def work(k: int, s: int, n: int) -> tuple[Sums, DeltaSums | None]:
+        # Each thread owns its buffers, named by a per-thread role suffix.
+        if not hasattr(slot, "id"):
+            slot.id = next(ids)
+        r, p, f32 = slot.id, pairs[k], torch.float32
+        w = reader.work(f"w{r}", 3 * n, f32)
+        w[:n].copy_(reader.load(f"a{r}", p.a, s, n))
+        w[n : 2 * n].copy_(reader.load(f"b{r}", p.b, s, n))
+        t = reader.load_float(f"t{r}", p.tuned, s, n) if p.tuned is not None else None
+        return chunk_sums(w, reader.work(f"tmp{r}", 3 * n, f32), t)
+
+    def advise(i: int) -> None:
+        k = tasks[i][0]
+        if first[k] == i and k + 1 < len(pairs):
+            # Let the kernel read the next tensors while this one is computed.
+            nxt = pairs[k + 1]
+            reader.advise(nxt.a, nxt.b, *((nxt.tuned,) if nxt.tuned is not None else ()))
+
+    def collect(i: int, res: tuple[Sums, DeltaSums | None]) -> None:
+        k, _, n = tasks[i]
+        s, d = totals[k]
+        part, dpart = res
+        totals[k] = (s + part, d + dpart if d is not None else None)
+        progress(n * _bytes_per_element(pairs[k]))
+
+    with _torch_threads(1):
+        # One thread per op: torch's own per-op threading syncs every few
+        # microseconds on these chunk-sized ops, which stalls badly whenever
+        # the cores are shared; parallel chunks scale instead.
+        if workers <= 1:
+            for i, task in enumerate(tasks):
+                advise(i)
+                collect(i, work(*task))
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="stats") as ex:
+                pending: deque = deque()
+                for i, task in enumerate(tasks):
+                    advise(i)
+                    pending.append((i, ex.submit(work, *task)))
+                    if len(pending) > 2 * workers:
+                        j, fut = pending.popleft()
+                        collect(j, fut.result())
+                while pending:
+                    j, fut = pending.popleft()
+                    collect(j, fut.result())
+    return totals
+
+
+@contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def default_workers() -> int:
+    """Threads for ``stats``: torch's thread count (the cores it may use), at most 8; memory bandwidth caps the rest."""
+    import torch
+
+    return max(1, min(8, torch.get_num_threads()))
+
+
+# -- aggregation --------------------------------------------------------------
+
+
+def _row(p: _Pair, s: Sums, d: DeltaSums | None) -> TensorRow:
+    kind = module_kind(p.name)
+    dtype = p.a.dtype if p.a.dtype == p.b.dtype else f"{p.a.dtype}/{p.b.dtype}"
+    return TensorRow(name=p.name, shape=p.shape, dtype=dtype, layer=block_index(p.name), module=kind,
+                     family=family(kind), partial=p.shape != p.a.shape or p.shape != p.b.shape, sums=s, delta=d)
+
+
+def _finite(rows: Iterable[TensorRow]) -> list[TensorRow]:
+    return [r for r in rows if math.isfinite(r.sigma)]
+
+
+def group_rows(rows: list[TensorRow], *, by: str) -> list[Group]:
+    """Per-layer (block tensors only, in layer order) or per-module-kind aggregates of tensor rows."""
+    groups: dict = {}
+    for r in rows:
+        key = r.layer if by == "layer" else r.module
+        if key is None:
+            continue
+        groups.setdefault(key, []).append(r)
+    keys = sorted(groups) if by == "layer" else sorted(groups, key=lambda k: (_KIND_ORDER.index(k) if k in _KIND_ORDER else 99, k))
+    return [_group(str(k) if by == "module" else k, groups[k], family(k) if by == "module" else None) for k in keys]
+
+
+# Modules in the order a block runs them, then everything outside blocks.
+_KIND_ORDER = ["q", "k", "v", "kv", "qkv", "attn", "o", "router", "gate", "up", "gate_up", "experts", "mlp", "down",
+               "norm", "embed", "lm_head", "other"]
+
+
+def _group(key, rows: list[TensorRow], fam: str | None) -> Group:
+    ok = _finite(rows)
+    sig = [r.sigma for r in ok]
+    s = sum((r.sums for r in rows), Sums())
+    deltas = [r.delta for r in rows if r.delta is not None]
+    d = sum(deltas, DeltaSums()) if deltas else None
+    return Group(
+        key=key, family=fam, n_tensors=len(rows), numel=s.numel,
+        sigma_mean=statistics.fmean(sig) if sig else math.nan,
+        sigma_max=max(sig) if sig else math.nan,
+        sigma_weighted=_weighted(ok),
+        rel_l2=s.rel_l2 if not s.nonfinite else math.nan, cosine=s.cosine if not s.nonfinite else math.nan,
+        identical=s.identical, delta_ratio=d.ratio if d else None, delta_cosine=d.cosine if d else None,
+    )
+
+
+def _weighted(rows: list[TensorRow]) -> float:
+    n = sum(r.numel for r in rows)
+    return sum(r.sigma * r.numel for r in rows) / n if n else math.nan
+
+
+def summarize(rows: list[TensorRow], *, threshold: float = THRESHOLD, tuned: bool = False) -> Summary:
+    """The paper's statistics of sigma over block tensors (all tensors when none has a block index), and a verdict."""
+    block = [r for r in rows if r.layer is not None]
+    basis = "block" if block else "all"
+    use = block or rows
+    ok = _finite(use)
+    sig = sorted(r.sigma for r in ok)
+    s = sum((r.sums for r in use), Sums())
+    deltas = [r.delta for r in use if r.delta is not None]
+    d = sum(deltas, DeltaSums()) if deltas else None
+    mean = statistics.fmean(sig) if sig else math.nan
+    summary = Summary(
+        sigma_mean=mean, sigma_median=statistics.median(sig) if sig else math.nan,
+        sigma_max=sig[-1] if sig else math.nan, sigma_min=sig[0] if sig else math.nan,
+        sigma_weighted=_weighted(ok), n_tensors=len(ok), basis=basis, n_compared=len(rows),
+        numel=s.numel, rel_l2=s.rel_l2 if not s.nonfinite else math.nan,
+        cosine=s.cosine if not s.nonfinite else math.nan, identical=s.identical,
+        n_nonfinite=sum(1 for r in rows if r.sums.nonfinite), threshold=threshold,
+        graftable=bool(mean < threshold), verdict="",
+        delta_ratio=d.ratio if tuned and d else None, delta_cosine=d.cosine if tuned and d else None,
+    )
+    return summary.with_verdict(verdict(summary, rows))
+
+
+def verdict(s: Summary, rows: list[TensorRow], k: int = 3) -> str:
+    """One line: graftable or not, and where the checkpoints differ most."""
+    if not math.isfinite(s.sigma_mean):
+        return "no verdict: every compared tensor has NaN or Inf values"
+    what = "sigma_mean" if s.basis == "block" else "sigma_mean (no transformer blocks found: all tensors)"
+    layers = sorted(group_rows(rows, by="layer"), key=lambda g: -_nz(g.sigma_mean))[:k]
+    mods = sorted((g for g in group_rows(rows, by="module") if g.family in ("attn", "mlp", "norm")),
+                  key=lambda g: -_nz(g.sigma_mean))[:k]
+    where = []
+    if layers:
+        where.append("layers " + ", ".join(f"{g.key} ({g.sigma_mean:.4f})" for g in layers))
+    if mods:
+        where.append("modules " + ", ".join(f"{g.key} ({g.sigma_mean:.4f})" for g in mods))
+    most = f"; most divergent: {'; '.join(where)}" if where else ""
+    if s.graftable:
+        over = [g for g in group_rows(rows, by="layer") if _nz(g.sigma_mean) >= s.threshold]
+        warn = f"; but {len(over)} layer(s) are over it" if over else ""
+        head = f"graftable: {what} {s.sigma_mean:.4f} is under the {s.threshold:g} threshold{warn}"
+    else:
+        head = f"not advisable: {what} {s.sigma_mean:.4f} is over the {s.threshold:g} threshold, grafting is risky"
+    if s.n_nonfinite:
+        head += f" ({s.n_nonfinite} tensor(s) with NaN/Inf left out)"
+    return head + most
+
+
+def _nz(x: float) -> float:
+    return x if math.isfinite(x) else -1.0

@@ -1,0 +1,268 @@
+"""The training loop, in plain torch: AdamW, warmup + cosine, gradient accumulation, clipping.
+
+One optimizer step consumes ``batch_size x grad_accum x world`` examples.
+The loss of a step is the mean over every assistant token of those
+examples, whichever rank or micro-batch holds them, so one process and
+several give the same gradients (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from ..errors import ShadowgraftError
+from . import dist as D
+from . import state as S
+from .config import TrainConfig
+from .data import IGNORE, Example, collate, encode, pack, read_records, sha256_file
+from .model import load_model, load_tokenizer, require_extra, save_adapter, save_full, write_json
+from .progress import TrainProgress
+
+LOG_NAME = "train_log.jsonl"
+ARGS_NAME = "training_args.json"
+DONE_NAME = "train_result.json"  # written last: its presence means the run finished
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the trained weights are and how the run went."""
+
+    output: Path
+    steps: int
+    start_step: int  # > 0 when resumed
+    loss: float | None  # last logged loss
+    seconds: float
+    examples: int
+    dropped: int
+
+
+def cosine_lr(step: int, *, total: int, warmup: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step``: linear warmup, then cosine to 0."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def step_examples(n: int, *, step: int, per_step: int, steps_per_epoch: int, seed: int) -> list[int]:
+    """Indices of the examples optimizer step ``step`` uses, from a fixed per-epoch shuffle.
+
+    The last step of an epoch is topped up from the start of the same
+    shuffle, so no example is dropped and every rank gets full batches.
+    """
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return [perm[(k * per_step + j) % n] for j in range(per_step)]
+
+
+def train(*, config: TrainConfig, console: Console | None = None) -> TrainResult:
+    """Fine-tune ``config.model`` on ``config.data`` and write the result to ``config.output``.
+
+    >>> train(config=TrainConfig(model="./base", data="math.jsonl", output="./base-lora", lora_rank=8))  # doctest: +SKIP
+    """
+    config.check()
+    require_extra(lora=config.is_lora)
+    d = D.setup(config.device)
+    try:
+        return _run(config, d, console if d.main and not config.quiet else None)
+    finally:
+        D.teardown(d)
+
+
+def _prepare_output(cfg: TrainConfig, d: D.Dist) -> Path | None:
+    """Check the output folder; returns the checkpoint to resume from (None for a fresh run)."""
+    out = Path(cfg.output)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent}: output's parent folder does not exist; create it first")
+    busy = out.exists() and any(out.iterdir())
+    ckpt = None
+    if cfg.resume:
+        if (out / DONE_NAME).is_file():
+            raise ShadowgraftError(f"{out}: this run already finished; nothing to resume (pass --overwrite to train again)")
+        ckpt = S.latest(out) if out.is_dir() else None
+        if ckpt is None:
+            raise ShadowgraftError(f"{out}: no checkpoint to resume from under {S.checkpoints_dir(out)}; "
+                                   "run without --resume (and with --save-every N to make some)")
+    elif busy and not cfg.overwrite:
+        raise ShadowgraftError(f"{out}: already exists; pass --resume to continue it or --overwrite to start over")
+    elif busy and not (out / ARGS_NAME).is_file():
+        raise ShadowgraftError(f"{out}: is not a training run folder (no {ARGS_NAME}), so --overwrite will not delete it; "
+                               "choose another --output")
+    d.barrier()  # every rank has looked before rank 0 changes anything
+    if d.main:
+        if cfg.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(exist_ok=True)
+    d.barrier()
+    return ckpt
+
+
+def _dataset(cfg: TrainConfig, tokenizer, template) -> tuple[list[Example], int]:
+    records = read_records(cfg.data)
+    examples, dropped = encode(records, tokenizer=tokenizer, chat_template=template, max_length=cfg.max_length,
+                               path=cfg.data)
+    if not examples:
+        raise ShadowgraftError(f"{cfg.data}: no record has an assistant token within --max-length {cfg.max_length}; "
+                               "raise --max-length")
+    if cfg.packing:
+        examples = pack(examples, max_length=cfg.max_length)
+    return examples, dropped
+
+
+def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
+    t0 = time.perf_counter()
+    ckpt = _prepare_output(cfg, d)
+    out = Path(cfg.output)
+    torch.manual_seed(cfg.seed)
+    tokenizer, template = load_tokenizer(cfg.model, cfg.chat_template_from)
+    examples, dropped = _dataset(cfg, tokenizer, template)
+    if console is not None and dropped:
+        console.print(f"[yellow]warning:[/] {dropped} record(s) have no assistant token within --max-length "
+                      f"{cfg.max_length} and are skipped")
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+    model, stored = load_model(cfg, bf16=d.bf16, quiet=cfg.quiet or not d.main)
+    meta = S.read(ckpt) if ckpt is not None else None
+    if ckpt is not None:
+        S.load_weights(ckpt, model)
+    model = D.wrap(model, d, lora=cfg.is_lora)
+    torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    per_step = cfg.batch_size * cfg.grad_accum * d.world
+    steps_per_epoch = math.ceil(len(examples) / per_step)
+    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total=total, warmup=warmup))
+
+    data_sha = sha256_file(cfg.data)
+    start = 0
+    if ckpt is not None:
+        _check_same_run(ckpt, meta, cfg, data_sha, d)
+        S.load_optimizer(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, d=d, meta=meta)
+        start = meta["step"]
+    log_path = out / LOG_NAME
+    if d.main:
+        write_json(out / ARGS_NAME, _args(cfg, data_sha, template, d, total, len(examples)))
+        _truncate_log(log_path, start)
+    d.barrier()
+
+    model.train()
+    loss_sum = tok_sum = win_targets = 0.0
+    win_t, last_loss = time.perf_counter(), None
+    with TrainProgress(total=total, start=start, console=console) as bar:
+        for step in range(start, total):
+            idx = step_examples(len(examples), step=step, per_step=per_step, steps_per_epoch=steps_per_epoch, seed=cfg.seed)
+            micro = [[examples[i] for i in idx[(m * d.world + d.rank) * cfg.batch_size:][: cfg.batch_size]]
+                     for m in range(cfg.grad_accum)]
+            targets, tokens = d.sum([sum(e.n_targets for mb in micro for e in mb),
+                                     sum(len(e.input_ids) for mb in micro for e in mb)])
+            lr = scheduler.get_last_lr()[0]
+            step_loss = 0.0
+            for m, mb in enumerate(micro):
+                batch = {k: v.to(d.device) for k, v in collate(mb, pad_id=pad_id).items()}
+                with D.sync_grads(model, m == len(micro) - 1):
+                    with d.autocast():
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       use_cache=False).logits
+                    summed = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
+                    # DDP and FSDP average gradients over ranks; scaling by the
+                    # world size turns that into a mean over all target tokens.
+                    (summed * (d.world / targets)).backward()
+                step_loss += float(summed.detach())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            (step_loss,) = d.sum([step_loss])
+            loss_sum, tok_sum, win_targets = loss_sum + step_loss, tok_sum + tokens, win_targets + targets
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                now = time.perf_counter()
+                row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_sum / win_targets,
+                       "lr": lr, "tokens_per_s": round(tok_sum / max(now - win_t, 1e-9), 1)}
+                last_loss = row["loss"]
+                if not math.isfinite(last_loss):
+                    raise ShadowgraftError(f"loss became {last_loss} at step {done}; lower --lr (now {cfg.learning_rate:g})")
+                if d.main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                bar.update(row)
+                loss_sum = tok_sum = win_targets = 0.0
+                win_t = now
+            if cfg.save_every and done % cfg.save_every == 0 and done < total:
+                S.save(out, step=done, model=model, optimizer=optimizer, scheduler=scheduler, d=d,
+                       extra={"data_sha256": data_sha, "hyperparameters": cfg.hyperparameters()})
+
+    _save_final(out, cfg, model, stored, tokenizer, template, d)
+    result = TrainResult(out, total, start, last_loss, time.perf_counter() - t0, len(examples), dropped)
+    if d.main:
+        write_json(out / DONE_NAME, {"steps": total, "start_step": start, "loss": last_loss,
+                                     "seconds": round(result.seconds, 3), "data_sha256": data_sha,
+                                     "hyperparameters": cfg.hyperparameters(), "model": cfg.model})
+    d.barrier()
+    return result
+
+
+def _save_final(out: Path, cfg: TrainConfig, model, stored, tokenizer, template, d: D.Dist) -> None:
+    """Write the trained weights into ``out`` (collective; rank 0 writes).
+
+    Files are staged in a sibling folder and moved in with the weights index
+    (or single weights file) last, so a reader never sees a partial model.
+    """
+    state = None if cfg.is_lora else S._full_state(model, d, set(stored))
+    if d.main:
+        stage = out / ".final-tmp"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        inner = D.unwrap(model)
+        if cfg.is_lora:
+            save_adapter(stage, model=inner, tokenizer=tokenizer, template=template)
+        else:
+            save_full(stage, model=inner, state=state, stored=stored, tokenizer=tokenizer, template=template,
+                      max_shard_size=cfg.max_shard_size)
+        last = {"model.safetensors.index.json", "model.safetensors", "adapter_model.safetensors"}
+        for p in sorted(stage.iterdir(), key=lambda p: p.name in last):
+            p.replace(out / p.name)
+        stage.rmdir()
+    d.barrier()
+
+
+def _args(cfg: TrainConfig, data_sha: str, template, d: D.Dist, total: int, n: int) -> dict:
+    return {"model": cfg.model, "data": str(cfg.data), "data_sha256": data_sha, "chat_template_from": cfg.chat_template_from,
+            "has_chat_template": template is not None, "hyperparameters": cfg.hyperparameters(), "world_size": d.world,
+            "total_steps": total, "examples": n}
+
+
+def _check_same_run(ckpt: Path, meta: dict, cfg: TrainConfig, data_sha: str, d: D.Dist) -> None:
+    if meta.get("data_sha256") != data_sha:
+        raise ShadowgraftError(f"{ckpt}: was trained on different data than {cfg.data}; resume with the same file "
+                               "or start over with --overwrite")
+    if meta.get("hyperparameters") != json.loads(json.dumps(cfg.hyperparameters())):
+        old, new = meta.get("hyperparameters") or {}, cfg.hyperparameters()
+        diff = next((k for k in new if old.get(k) != new[k]), "?")
+        raise ShadowgraftError(f"{ckpt}: was trained with {diff}={old.get(diff)!r}, not {new.get(diff)!r}; "
+                               "resume with the same flags or start over with --overwrite")
+    if meta.get("world_size") != d.world:
+        raise ShadowgraftError(f"{ckpt}: was written by {meta.get('world_size')} process(es), not {d.world}; the data "
+                               "order depends on it, so resume with the same --nproc-per-node")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past ``step`` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))

@@ -1,0 +1,91 @@
+"""The benchmark instruments measure what they claim (no timings asserted here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from common import MB, TrioShape, build_trio, measure, parse_size, shape_for_size  # noqa: E402
+from verify import ulp_of, verify_outputs  # noqa: E402
+
+import shadowgraft  # noqa: E402
+
+
+def test_peak_anon_counts_allocations():
+    # 150 MB written (so resident), held long enough for the 5 ms sampler.
+    m = measure([sys.executable, "-c", "import time; b = b'x' * 150_000_000; time.sleep(0.3)"]).check("child")
+    assert 150 * MB <= m.peak_anon < 190 * MB
+    assert 150 * MB <= m.peak_rss < 200 * MB
+
+
+def test_peak_anon_leaves_out_file_pages(tmp_path):
+    f = tmp_path / "big.bin"
+    f.write_bytes(b"\1" * (120 * MB))
+    code = ("import hashlib, mmap, time; fh = open(%r, 'rb'); mm = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ); "
+            "hashlib.sha1(mm).digest(); time.sleep(0.3)" % str(f))
+    m = measure([sys.executable, "-c", code]).check("child")
+    assert m.peak_rss >= 120 * MB  # mapped pages are resident ...
+    assert m.peak_anon < 40 * MB  # ... but they are page cache, not anonymous memory
+
+
+def test_peak_rss_is_the_childs_not_the_parents():
+    # exec() copies the spawner's peak into the child's ru_maxrss; this process
+    # has torch loaded, so a naive reading would report far more than the child uses.
+    m = measure([sys.executable, "-c", "import time; time.sleep(0.3)"]).check("child")
+    assert 1 * MB < m.peak_rss < 40 * MB
+
+
+def test_measure_reports_failures():
+    m = measure("echo oops >&2; exit 3")
+    assert m.returncode == 3
+    with pytest.raises(RuntimeError, match="oops"):
+        m.check("shell")
+
+
+def test_shape_for_size_hits_the_size_and_the_largest_tensor_is_a_block_matrix():
+    assert parse_size("400MB") == 400 * MB and parse_size("1.5GB") == 1_500_000_000
+    for size in (30, 100, 400, 1000):
+        s = shape_for_size(size * MB)
+        assert s.layers >= 4
+        assert abs(s.nbytes() - size * MB) < 0.25 * size * MB
+        largest = max(s.tensors(), key=lambda t: t[1][0] * (t[1][1] if len(t[1]) > 1 else 1))
+        assert ".mlp." in largest[0]
+
+
+def test_ulp_of_matches_bf16_spacing():
+    import torch
+
+    x = torch.tensor([1.0, 0.75, -3.0, 1e-3], dtype=torch.float64)
+    b = x.to(torch.bfloat16)
+    nxt = (b.view(torch.int16) + 1).view(torch.bfloat16)
+    assert torch.equal(ulp_of(x), (nxt.double() - b.double()).abs())
+
+
+def test_io_floor_copies_instruct_byte_for_byte(tmp_path):
+    trio = build_trio(workdir=tmp_path, shape=TrioShape(2, 64, 192, 128), shard_bytes=60_000)
+    out = tmp_path / "floor"
+    subprocess.run([sys.executable, str(BENCH / "io_floor.py"), "--read", *map(str, trio.files("base")),
+                    "--copy", *map(str, trio.files("instruct")), "--to", str(out)], check=True)
+    assert len(trio.files("instruct")) > 1
+    for f in trio.files("instruct"):
+        assert (out / f.name).read_bytes() == f.read_bytes()
+
+
+def test_verify_accepts_the_graft_and_the_paper_script_and_rejects_an_ungrafted_copy(tmp_path):
+    trio = build_trio(workdir=tmp_path, shape=TrioShape(2, 64, 192, 128), shard_bytes=60_000)
+    good = tmp_path / "good"
+    shadowgraft.apply(instruct=trio.instruct, base=trio.base, tuned=trio.tuned, output=good)
+    paper = tmp_path / "paper"
+    subprocess.run([sys.executable, str(BENCH / "paper_script.py"), "--instruct", str(trio.instruct),
+                    "--base", str(trio.base), "--tuned", str(trio.tuned), "--output", str(paper)], check=True)
+    bad = tmp_path / "bad"
+    subprocess.run([sys.executable, str(BENCH / "io_floor.py"), "--copy", *map(str, trio.files("instruct")),
+                    "--to", str(bad)], check=True)
+    assert verify_outputs(trio, {"shadowgraft": good, "paper script": paper})
+    assert not verify_outputs(trio, {"shadowgraft ungrafted": bad, "paper script": paper})

@@ -1,0 +1,351 @@
+"""Interrupted, killed, starved and concurrent ``apply`` runs never leave a partial model under the final name.
+
+Runs happen in child processes forked from one warm server process (so each
+trial costs the run, not another ``import torch``), running the real CLI
+``main``. The children write through a "slow disk" (every write call sleeps a
+little) so that a tiny model takes about a second and signals land at random
+moments: before the first shard, inside a tensor, between shards, during the
+side files or the commit. The seed is printed with each failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import shadowgraft
+from shadowgraft import ShadowgraftError
+from shadowgraft.synthetic import Shape, make_trio
+from shadowgraft.verify import verify
+from shadowgraft.writer import OutputDir, signals_deferred
+
+REPO = Path(__file__).resolve().parents[1]
+SLOW = 0.015  # seconds per write call in the children: about one second per run
+WINDOW = 1.2  # signals land uniformly in this many seconds after the temp folder appears (some after the end)
+SERVER = r"""
+import json, os, resource, signal, sys, time
+import shadowgraft.cli, shadowgraft.graft, shadowgraft.verify  # warm: children start with torch imported
+
+def slow_down(delay):
+    # A slow disk: each write-like call waits first, so a signal can land inside it.
+    for name in ("write", "pwrite", "writev", "pwritev", "copy_file_range", "sendfile"):
+        real = getattr(os, name, None)
+        if real is not None:
+            def wrapped(*a, _real=real, **k):
+                time.sleep(delay)
+                return _real(*a, **k)
+            setattr(os, name, wrapped)
+
+def child(req):
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    if req.get("slow"):
+        slow_down(req["slow"])
+    code = 0
+    try:
+        shadowgraft.cli.main(req["argv"])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    sys.stderr.flush()
+    os._exit(code)
+
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["op"] == "start":
+        pid = os.fork()
+        if pid == 0:
+            child(req)
+        print(json.dumps({"pid": pid}), flush=True)
+    else:
+        _, status = os.waitpid(req["pid"], 0)
+        print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+class Forker:
+    """Starts CLI runs in children of one warm process; ``wait`` returns the exit code (-9 for SIGKILL)."""
+
+    def __init__(self):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, cwd=REPO, env=env)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+
+    def _ask(self, req: dict, timeout: float = 60) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        if not self.sel.select(timeout):
+            raise TimeoutError(f"no answer to {req['op']} within {timeout} s")
+        return json.loads(self.proc.stdout.readline())
+
+    def start(self, argv: list[str], stderr: Path, slow: float = 0.0) -> int:
+        return self._ask({"op": "start", "argv": argv, "stderr": str(stderr), "slow": slow})["pid"]
+
+    def wait(self, pid: int, timeout: float = 60) -> int:
+        try:
+            return self._ask({"op": "wait", "pid": pid}, timeout)["code"]
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            raise
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def forker():
+    f = Forker()
+    yield f
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupt")
+    trio = make_trio(root / "in", shape=Shape(layers=4, hidden=64, intermediate=96, vocab=128), shard_bytes=90_000)
+    ref = root / "reference"
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=ref)
+    return trio, ref
+
+
+def apply_argv(trio, out: Path, *extra: str) -> list[str]:
+    return ["apply", "--instruct", str(trio["instruct"]), "--base", str(trio["base"]), "--tuned", str(trio["tuned"]),
+            "--output", str(out), "--quiet", *extra]
+
+
+def weights(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.startswith("model")}
+
+
+def assert_complete(out: Path, ref: Path) -> None:
+    assert weights(out) == weights(ref)
+    assert verify(out).ok
+
+
+def debris(parent: Path, name: str = "out") -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def wait_for_temp(parent: Path, pid: int, timeout: float = 60) -> None:
+    """Block until the child has created its temporary folder (it holds the lock from then on)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(".shadowgraft-tmp-" in p.name for p in parent.iterdir()):
+            return
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    raise TimeoutError("the child never created its temporary folder")
+
+
+def lines(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def test_sigint_and_sigterm_at_random_moments_remove_everything(forker, inputs, tmp_path):
+    trio, ref = inputs
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    cut_short = 0
+    for k, (sig, code) in enumerate([(signal.SIGINT, 130), (signal.SIGTERM, 143)] * 2):
+        parent = tmp_path / f"t{k}"
+        parent.mkdir()
+        out = parent / "out"
+        pid = forker.start(apply_argv(trio, out), parent / "stderr", slow=SLOW)
+        wait_for_temp(parent, pid)
+        time.sleep(rng.uniform(0, WINDOW))
+        os.kill(pid, sig)
+        got = forker.wait(pid)
+        where = f"seed {seed}, trial {k}, {sig.name}"
+        assert got in (0, code), where
+        if got == code:
+            assert lines(parent / "stderr") == ["interrupted; unfinished output was removed"], where
+        # A signal after the rename (or held during it) leaves the finished model.
+        if out.exists():
+            assert_complete(out, ref)
+        else:
+            cut_short += 1
+        assert debris(parent) == [], where
+    assert cut_short, f"every run finished before its signal (seed {seed}); slow the children down"
+
+
+def test_sigkill_at_random_moments_leaves_no_partial_model(forker, inputs, tmp_path):
+    trio, ref = inputs
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    killed = 0
+    for k in range(3):
+        parent = tmp_path / f"t{k}"
+        parent.mkdir()
+        out = parent / "out"
+        pid = forker.start(apply_argv(trio, out), parent / "stderr", slow=SLOW)
+        wait_for_temp(parent, pid)
+        time.sleep(rng.uniform(0, WINDOW))
+        os.kill(pid, signal.SIGKILL)
+        got = forker.wait(pid)
+        where = f"seed {seed}, trial {k}"
+        assert got in (0, -signal.SIGKILL), where
+        killed += got != 0
+        # The rename is the commit point: the final name is absent or complete.
+        if out.exists():
+            assert_complete(out, ref)
+        else:
+            # Debris may remain, but it does not block the next run, which cleans it up.
+            shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=out)
+            assert_complete(out, ref)
+            assert debris(parent) == [], where
+    assert killed, f"every run finished before SIGKILL (seed {seed}); slow the children down"
+
+
+def test_overwrite_killed_midway_keeps_a_complete_model(forker, inputs, tmp_path):
+    trio, ref = inputs
+    old = tmp_path / "old-version"
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=old, alpha=0.5)
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for k in range(2):
+        parent = tmp_path / f"t{k}"
+        parent.mkdir()
+        out = parent / "out"
+        subprocess.run(["cp", "-r", str(old), str(out)], check=True)
+        pid = forker.start(apply_argv(trio, out, "--overwrite"), parent / "stderr", slow=SLOW)
+        wait_for_temp(parent, pid)
+        time.sleep(rng.uniform(0, WINDOW))
+        os.kill(pid, signal.SIGKILL)
+        forker.wait(pid)
+        assert weights(out) in (weights(old), weights(ref)), f"seed {seed}, trial {k}"
+
+
+def test_killed_between_the_two_renames_is_repaired(inputs, tmp_path):
+    # The window between moving the old output aside and renaming the new one
+    # in is too short to hit by chance, so build what a kill there leaves.
+    trio, ref = inputs
+    out = tmp_path / "out"
+    os.rename(_copy(ref, tmp_path / "x"), tmp_path / ".out.shadowgraft-old-4242")
+    _copy(ref, tmp_path / ".out.shadowgraft-tmp-4242")
+    (tmp_path / ".out.shadowgraft-lock").touch()
+    with pytest.raises(ShadowgraftError, match="already exists; pass --overwrite"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=out)
+    assert_complete(out, ref)  # the old output is back under its name
+    assert debris(tmp_path) == []
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    return dst
+
+
+def test_stale_temp_and_lock_from_a_killed_run_do_not_block(inputs, tmp_path):
+    trio, ref = inputs
+    stale = tmp_path / ".out.shadowgraft-tmp-999999"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    (tmp_path / ".out.shadowgraft-lock").touch()
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "out")
+    assert_complete(tmp_path / "out", ref)
+    assert debris(tmp_path) == []
+
+
+def test_disk_full_is_reported_and_leaves_nothing(inputs, tmp_path):
+    """The real console script, in a fresh process whose files may not exceed 60 kB (so writes fail with EFBIG)."""
+    trio, ref = inputs
+    shard = max(p.stat().st_size for p in ref.glob("*.safetensors"))
+    limit = 60_000
+    assert shard > limit
+
+    def starve():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # stays ignored across exec: write() returns EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    exe = Path(sys.executable).with_name("shadowgraft")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([str(exe), *apply_argv(trio, tmp_path / "out")], capture_output=True, text=True,
+                         preexec_fn=starve, env=env, timeout=120)
+    out = tmp_path / "out"
+    assert res.returncode == 1, res.stderr
+    assert [ln for ln in res.stderr.splitlines() if ln.strip()] == [
+        f"error: {out}: disk full while writing (File too large); nothing was left behind, free space and retry"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_not_enough_free_space_fails_before_writing(inputs, tmp_path, monkeypatch):
+    trio, _ = inputs
+    import shutil as sh
+
+    from shadowgraft import writer
+
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(ShadowgraftError, match=r": needs 0\.00 GB but only 0\.00 GB is free; free some space or choose another --output"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+def test_two_concurrent_applies_to_one_output(overwrite, forker, inputs, tmp_path):
+    trio, ref = inputs
+    out = tmp_path / "out"
+    extra = ("--overwrite",) if overwrite else ()
+    if overwrite:
+        _copy(ref, out)
+    first = forker.start(apply_argv(trio, out, *extra), tmp_path / "first.err", slow=SLOW)
+    wait_for_temp(tmp_path, first)
+    second = forker.start(apply_argv(trio, out, *extra), tmp_path / "second.err", slow=SLOW)
+    assert forker.wait(second) == 1
+    assert lines(tmp_path / "second.err") == [
+        f"error: {out}: another shadowgraft run is writing it; wait for it or choose another --output"]
+    assert forker.wait(first) == 0, (tmp_path / "first.err").read_text()
+    assert_complete(out, ref)
+    assert debris(tmp_path) == []
+
+
+def test_lock_survives_the_unlink_race(tmp_path, monkeypatch):
+    """The previous holder unlinks the lock file between our open and our flock: we must retry on a fresh file."""
+    from shadowgraft import writer
+
+    real = writer.fcntl.flock
+    calls = []
+
+    def flock(fd, op):
+        real(fd, op)
+        if not calls:
+            (tmp_path / ".out.shadowgraft-lock").unlink()  # what the finishing holder does
+        calls.append(op)
+
+    monkeypatch.setattr(writer.fcntl, "flock", flock)
+    with OutputDir(tmp_path / "out") as tmp:
+        assert len(calls) == 2 and (tmp_path / ".out.shadowgraft-lock").exists()
+        (tmp / "f").write_text("x")
+    assert (tmp_path / "out" / "f").read_text() == "x" and debris(tmp_path) == []
+
+
+def test_lock_refuses_a_second_writer_in_process(tmp_path):
+    with OutputDir(tmp_path / "out"):
+        with pytest.raises(ShadowgraftError, match="another shadowgraft run is writing it"):
+            OutputDir(tmp_path / "out").__enter__()
+    assert (tmp_path / "out").is_dir() and debris(tmp_path) == []
+
+
+def test_signals_are_held_during_commit_and_delivered_after():
+    before = signal.getsignal(signal.SIGINT)
+    order = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # a handler would run here if the signal were not held
+            order.append("block finished")
+    assert order == ["block finished"]
+    assert signal.getsignal(signal.SIGINT) is before

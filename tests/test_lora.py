@@ -1,0 +1,293 @@
+"""``apply --adapter``: PEFT LoRA adapters merged onto instruct, against a float64 reference."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import shadowgraft
+from shadowgraft import ShadowgraftError
+from shadowgraft.lora import module_scale, open_adapter, pattern_key
+from shadowgraft.synthetic import Shape, gpt2_tensors, make_trio
+
+from .conftest import assert_exact, load, run_cli
+
+LLAMA = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SHAPE = Shape(layers=2, hidden=64, intermediate=96, vocab=128)
+
+
+def write_adapter(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, embedding=(), extra_tensors=None,
+                  **config) -> Path:
+    """A PEFT-format adapter folder: ``factors`` maps module -> (A, B) as PEFT stores them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in factors.items():
+        if module in embedding:
+            tensors[f"base_model.model.{module}.lora_embedding_A"] = a.contiguous()
+            tensors[f"base_model.model.{module}.lora_embedding_B"] = b.contiguous()
+        else:
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a.clone()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b.clone()
+    tensors.update(extra_tensors or {})
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}),
+           "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+           "task_type": "CAUSAL_LM", "base_model_name_or_path": "base", "init_lora_weights": True}
+    cfg.update(config)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def random_factors(shapes: dict[str, tuple[int, int]], ranks: dict[str, int] | int, *, seed=0, dtype=torch.float32):
+    """module -> (A: r x in, B: out x r) for weights of shape (out, in)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, (rows, cols) in shapes.items():
+        r = ranks if isinstance(ranks, int) else ranks[module]
+        a = (torch.randn(r, cols, generator=g) / math.sqrt(cols)).to(dtype)
+        b = (0.01 * torch.randn(rows, r, generator=g) / math.sqrt(r)).to(dtype)
+        out[module] = (a, b)
+    return out
+
+
+def llama_shapes(inst: dict[str, torch.Tensor], layers=range(2), kinds=LLAMA) -> dict[str, tuple[int, int]]:
+    return {f"model.layers.{i}.{k}": tuple(inst[f"model.layers.{i}.{k}.weight"].shape) for i in layers for k in kinds}
+
+
+def check(out: Path, inst: dict, factors: dict, scales: dict, alpha: float, transpose=()) -> None:
+    """Every adapted weight equals W + alpha * scale * B @ A (float64, rounded once); the rest are untouched."""
+    got = load(out)
+    assert set(got) == set(inst)
+    ys, refs = [], []
+    for name, w in inst.items():
+        module = name[: -len(".weight")]
+        if module in factors:
+            a, b = factors[module]
+            d = b.double() @ a.double()
+            d = d.T if module in transpose else d
+            ref = w.double() + alpha * scales[module] * d
+            assert got[name].dtype == w.dtype
+            assert_exact(got[name], ref, min_exact=0.99)  # every element within 1 ulp
+            assert not torch.equal(got[name], w), name
+            ys.append(got[name].reshape(-1))
+            refs.append(ref.reshape(-1))
+        else:
+            assert torch.equal(got[name].view(torch.uint8), w.view(torch.uint8)), name
+    # fp32 arithmetic rounded once: over the whole model >= 99.99% bit-exact.
+    # (A single 4096-element tensor can hold one double-rounding miss.)
+    assert_exact(torch.cat(ys), torch.cat(refs))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_adapter_matches_float64_reference(tmp_path, dtype, alpha):
+    trio = make_trio(tmp_path / "in", shape=SHAPE, dtype=dtype, shard_bytes=60_000)
+    inst = load(trio["instruct"])
+    factors = random_factors(llama_shapes(inst), 8)
+    ad = write_adapter(tmp_path / "lora", factors, r=8, lora_alpha=16)
+    res = shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / "out", alpha=alpha)
+    assert sorted(res.plan.grafted) == sorted(f"{m}.weight" for m in factors)
+    check(tmp_path / "out", inst, factors, {m: 2.0 for m in factors}, alpha)
+    meta = json.loads((tmp_path / "out" / "shadowgraft.json").read_text())
+    assert meta["mode"] == "adapter" and meta["inputs"]["adapter"]["r"] == 8 and meta["inputs"]["adapter"]["lora_alpha"] == 16
+    assert "B @ A" in meta["formula"]
+
+
+def test_bf16_adapter_factors(tmp_path):
+    trio = make_trio(tmp_path / "in", shape=SHAPE)
+    inst = load(trio["instruct"])
+    factors = random_factors(llama_shapes(inst, kinds=LLAMA[:4]), 4, dtype=torch.bfloat16)
+    ad = write_adapter(tmp_path / "lora", factors, r=4, lora_alpha=8)
+    shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / "out")
+    check(tmp_path / "out", inst, factors, {m: 2.0 for m in factors}, 1.0)
+
+
+def test_rslora_rank_and_alpha_patterns(tmp_path):
+    trio = make_trio(tmp_path / "in", shape=SHAPE, dtype=torch.float32)
+    inst = load(trio["instruct"])
+    shapes = llama_shapes(inst)
+    # Per-module (r, alpha) written out by hand, as PEFT resolves them:
+    # a bare name matches that module anywhere, a dotted path matches only there.
+    rank_pattern = {"q_proj": 4, "layers.1.mlp.down_proj": 12}
+    alpha_pattern = {"v_proj": 3, "model.layers.0.mlp.up_proj": 40}
+    want = {}
+    for m in shapes:
+        r = 4 if m.endswith("q_proj") else 12 if m == "model.layers.1.mlp.down_proj" else 8
+        a = 3 if m.endswith("v_proj") else 40 if m == "model.layers.0.mlp.up_proj" else 16
+        want[m] = (r, a)
+    factors = random_factors(shapes, {m: r for m, (r, _) in want.items()})
+    for rslora in (False, True):
+        ad = write_adapter(tmp_path / f"lora{rslora}", factors, r=8, lora_alpha=16, use_rslora=rslora,
+                           rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        scales = {m: a / (math.sqrt(r) if rslora else r) for m, (r, a) in want.items()}
+        shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / f"out{rslora}")
+        check(tmp_path / f"out{rslora}", inst, factors, scales, 1.0)
+
+
+def test_pattern_matching_follows_peft():
+    assert pattern_key(["q_proj"], "model.layers.0.self_attn.q_proj") == "q_proj"
+    assert pattern_key(["layers.1.mlp.up_proj"], "model.layers.11.mlp.up_proj") is None
+    assert pattern_key(["proj"], "model.layers.0.self_attn.q_proj") is None  # whole components only
+    assert pattern_key(["k_proj", "self_attn.k_proj"], "model.layers.0.self_attn.k_proj") == "k_proj"  # first match wins
+    cfg = {"r": 16, "lora_alpha": 32, "rank_pattern": {"o_proj": 4}}
+    assert module_scale(cfg, "model.layers.3.self_attn.o_proj") == (4, 32, 8.0)
+    assert module_scale({**cfg, "use_rslora": True}, "model.layers.3.mlp.up_proj") == (16, 32, 8.0)
+
+
+def test_fan_in_fan_out_gpt2_conv1d(tmp_path):
+    trio = make_trio(tmp_path / "in", names=list(gpt2_tensors()), dtype=torch.float32)
+    inst = load(trio["instruct"])
+    # Conv1D stores (in, out); PEFT's lora_A is still (r, in) and lora_B (out, r).
+    mods = [f"h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    shapes = {m: tuple(reversed(inst[f"{m}.weight"].shape)) for m in mods}
+    factors = random_factors(shapes, 4)
+    # PEFT on GPT2LMHeadModel names modules transformer.h.N...; GPT-2 checkpoints store h.N... (the
+    # base model's names), which transformers maps by dropping the prefix. So do we.
+    ad = write_adapter(tmp_path / "lora", {f"transformer.{m}": f for m, f in factors.items()}, r=4, lora_alpha=4,
+                       fan_in_fan_out=True)
+    res = shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / "out")
+    assert any("through its model prefix" in w and "transformer.h.0.attn.c_attn -> h.0.attn.c_attn.weight" in w
+               for w in res.plan.warnings)
+    check(tmp_path / "out", inst, factors, {m: 1.0 for m in mods}, 1.0, transpose=set(mods))
+    # Without the flag the square c_proj would silently fit the wrong way round; the others do not fit.
+    bad = write_adapter(tmp_path / "bad", factors, r=4, lora_alpha=4, fan_in_fan_out=False)
+    with pytest.raises(ShadowgraftError, match=r"'h\.0\.attn\.c_attn\.weight': instruct \(32, 96\) does not fit the adapter's "
+                                               r"change \(96, 32\) \(it fits transposed: fan_in_fan_out should be True"):
+        shadowgraft.apply(instruct=trio["instruct"], adapter=bad, output=tmp_path / "o2")
+
+
+def test_embedding_lora_needs_scope_all(tmp_path):
+    trio = make_trio(tmp_path / "in", shape=SHAPE)
+    inst = load(trio["instruct"])
+    vocab, hidden = inst["model.embed_tokens.weight"].shape
+    g = torch.Generator().manual_seed(3)
+    emb = {"model.embed_tokens": (torch.randn(4, vocab, generator=g), 0.01 * torch.randn(hidden, 4, generator=g))}
+    lin = random_factors({"model.layers.0.self_attn.q_proj": tuple(inst["model.layers.0.self_attn.q_proj.weight"].shape)}, 4)
+    # PEFT also saves base's frozen embedding next to an embedding LoRA.
+    frozen = {"base_model.model.model.embed_tokens.base_layer.weight": torch.zeros(vocab, hidden)}
+    ad = write_adapter(tmp_path / "lora", {**emb, **lin}, embedding={"model.embed_tokens"}, extra_tensors=frozen, r=4, lora_alpha=8)
+    res = shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / "lin")
+    assert res.plan.grafted == ["model.layers.0.self_attn.q_proj.weight"]
+    assert any("not selected by --scope linear" in w and "embed_tokens" in w for w in res.plan.warnings)
+    assert any("frozen" in w for w in res.plan.warnings)
+    shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / "all", scope="all")
+    check(tmp_path / "all", inst, {**emb, **lin}, {m: 2.0 for m in (*emb, *lin)}, 1.0, transpose={"model.embed_tokens"})
+
+
+def test_include_exclude_narrow_the_adapter(tmp_path):
+    trio = make_trio(tmp_path / "in", shape=SHAPE)
+    inst = load(trio["instruct"])
+    factors = random_factors(llama_shapes(inst), 2)
+    ad = write_adapter(tmp_path / "lora", factors, r=2, lora_alpha=2)
+    res = shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / "o", exclude=["mlp"], dry_run=True)
+    assert sorted(res.plan.grafted) == sorted(f"model.layers.{i}.{k}.weight" for i in range(2) for k in LLAMA[:4])
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("dora_config", r"use_dora is set: DoRA rescales"),
+    ("dora_key", r"is a DoRA magnitude \(use_dora\)"),
+    ("peft_type", r"peft_type 'IA3' is not supported; only LORA"),
+    ("pissa", r"init_lora_weights='pissa' subtracts the initial adapter"),
+    ("unknown_module", r"adapter module 'model\.layers\.7\.self_attn\.q_proj' matches no instruct tensor"),
+    ("other_names", r"'x\.layers\.0\.self_attn\.q_proj' matches no instruct tensor 'x\.layers\.0\.self_attn\.q_proj\.weight' "
+                    r"\(instruct has 'model\.layers\.0\.self_attn\.q_proj\.weight'"),
+    ("stray_key", r"key 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.scales' is not a LoRA factor"),
+    ("modules_to_save", r"is a whole module trained on base \(modules_to_save=\['lm_head'\]\)"),
+    ("bias", r"is a bias trained on base \(bias='all'\)"),
+    ("shape", r"'model\.layers\.0\.self_attn\.q_proj\.weight': instruct \(64, 64\) does not fit the adapter's change \(64, 32\)"),
+    ("rank", r"factors have rank 4/4 but adapter_config\.json gives r=8"),
+    ("no_prefix", r"does not start with 'base_model\.model\.'"),
+])
+def test_refusals_exit_1_with_one_line(tmp_path, capsys, case, pattern):
+    trio = make_trio(tmp_path / "in", shape=SHAPE)
+    q = "model.layers.0.self_attn.q_proj"
+    a, b = torch.randn(4, 64), torch.randn(64, 4)
+    factors, cfg, extra = {q: (a, b)}, {"r": 4, "lora_alpha": 8}, {}
+    if case == "dora_config":
+        cfg["use_dora"] = True
+    elif case == "dora_key":
+        extra = {f"base_model.model.{q}.lora_magnitude_vector": torch.ones(64)}
+    elif case == "peft_type":
+        cfg["peft_type"] = "IA3"
+    elif case == "pissa":
+        cfg["init_lora_weights"] = "pissa"
+    elif case == "unknown_module":
+        factors["model.layers.7.self_attn.q_proj"] = (a, b)
+    elif case == "other_names":
+        factors = {"x.layers.0.self_attn.q_proj": (a, b)}
+    elif case == "stray_key":
+        extra = {f"base_model.model.{q}.scales": torch.ones(64)}
+    elif case == "modules_to_save":
+        cfg["modules_to_save"] = ["lm_head"]
+        extra = {"base_model.model.lm_head.weight": torch.zeros(128, 64)}
+    elif case == "bias":
+        cfg["bias"] = "all"
+        extra = {f"base_model.model.{q}.base_layer.bias": torch.zeros(64)}
+    elif case == "shape":
+        factors = {q: (torch.randn(4, 32), b)}
+    elif case == "rank":
+        cfg["r"] = 8
+    ad = write_adapter(tmp_path / "lora", factors, extra_tensors=extra, **cfg)
+    if case == "no_prefix":
+        save_file({"model.layers.0.self_attn.q_proj.lora_A.weight": a}, str(ad / "adapter_model.safetensors"))
+    code, _, err = run_cli(capsys, "apply", "--instruct", trio["instruct"], "--adapter", ad, "--output", tmp_path / "out")
+    assert code == 1
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    import re
+
+    assert re.search(pattern, " ".join(err.split())), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_or_pickle_adapter(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        open_adapter(tmp_path / "nope")
+    (tmp_path / "pk").mkdir()
+    (tmp_path / "pk" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    (tmp_path / "pk" / "adapter_model.bin").write_bytes(b"x")
+    with pytest.raises(ShadowgraftError, match="pickle checkpoints are never loaded"):
+        open_adapter(tmp_path / "pk")
+
+
+def test_peft_merge_and_unload_equals_ours(tmp_path):
+    """PEFT itself merges the same adapter into the same model; we match it, and the float64 reference built
+    from PEFT's own per-module scaling (so our reading of rsLoRA / rank_pattern / embeddings is PEFT's)."""
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).float()
+    inst_dir = tmp_path / "instruct"
+    model.save_pretrained(inst_dir, safe_serialization=True)
+    lcfg = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], use_rslora=True,
+                      rank_pattern={"down_proj": 6}, alpha_pattern={"layers.1.self_attn.v_proj": 5},
+                      init_lora_weights=False, lora_dropout=0.0)
+    peft_model = get_peft_model(model, lcfg)
+    scaling = {n.removeprefix("base_model.model."): m.scaling["default"] for n, m in peft_model.named_modules()
+               if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
+    assert len(scaling) == 2 * 3 + 1 and len(set(scaling.values())) == 3  # 12/2, 12/sqrt(6), 5/2
+    peft_model.save_pretrained(tmp_path / "lora")
+    merged = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    shadowgraft.apply(instruct=inst_dir, adapter=tmp_path / "lora", output=tmp_path / "out", scope="all")
+    got, inst = load(tmp_path / "out"), load(inst_dir)
+    sd = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    for module, s in scaling.items():
+        name, key = f"{module}.weight", f"base_model.model.{module}"
+        if "embed" in module:
+            d = (sd[key + ".lora_embedding_B"].double() @ sd[key + ".lora_embedding_A"].double()).T
+        else:
+            d = sd[key + ".lora_B.weight"].double() @ sd[key + ".lora_A.weight"].double()
+        assert_exact(got[name], inst[name].double() + s * d)
+    assert {n for n in got if not torch.equal(got[n], inst[n])} == {f"{m}.weight" for m in scaling}
+    for n in got:
+        # PEFT adds an fp32 delta in fp32 (several roundings); we round once from fp64.
+        torch.testing.assert_close(got[n], merged[n], rtol=1e-5, atol=1e-6)

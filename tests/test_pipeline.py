@@ -1,0 +1,148 @@
+"""`shadowgraft shadow-ft` end to end on tiny Llamas, checked against float64 references."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from shadowgraft import ShadowgraftError
+from shadowgraft.cli import main
+from shadowgraft.pipeline import shadow_ft
+
+from .conftest import assert_exact, load
+from .tiny_lm import CHATML, qa_rows, tiny_pair, write_jsonl
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine run many times faster without intra-op threads.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    p = tiny_pair(root)
+    p["data"] = write_jsonl(root / "qa.jsonl", qa_rows() * 4)
+    return p
+
+
+def sigma_mean64(a: dict, b: dict) -> float:
+    """The paper's relative gap, averaged over transformer-block tensors, in float64."""
+    vals = []
+    for n in a:
+        if ".layers." in n:
+            x, y = a[n].double(), b[n].double()
+            vals.append(float((x - y).abs().sum() / (x.abs().sum() + y.abs().sum())))
+    return sum(vals) / len(vals)
+
+
+def test_shadow_ft_full_end_to_end(pair, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    argv = ["shadow-ft", "--base", str(pair["base"]), "--instruct", str(pair["instruct"]), "--data", str(pair["data"]),
+            "--output", str(out), "--lr", "1e-2", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "6",
+            "--save-every", "3", "--no-gradient-checkpointing", "-q"]
+    main(argv)
+    model_dir, train_dir = out / "model", out / "stages" / "train"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert model.config.model_type == "llama"
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template == CHATML
+
+    base, inst, tuned, got = (load(p) for p in (pair["base"], pair["instruct"], train_dir, model_dir))
+    assert set(got) == set(inst) == set(tuned)
+    grafted = [n for n in got if any(k in n for k in LINEAR)]
+    assert len(grafted) == 14
+    for n, y in got.items():
+        assert y.dtype == inst[n].dtype == torch.bfloat16
+        if n in grafted:
+            assert not torch.equal(tuned[n], base[n])
+            assert_exact(y, inst[n].double() + (tuned[n].double() - base[n].double()))
+        else:
+            assert torch.equal(y.view(torch.int16), inst[n].view(torch.int16)), n
+
+    record = json.loads((model_dir / "shadowgraft.json").read_text())
+    sha = hashlib.sha256(pair["data"].read_bytes()).hexdigest()
+    tr = record["training"]
+    assert tr["data_sha256"] == sha and tr["steps"] == 6 and tr["examples"] == 16
+    hp = tr["hyperparameters"]
+    assert (hp["lr"], hp["max_steps"], hp["method"], hp["chat_template_from"]) == (0.01, 6, "full", str(pair["instruct"]))
+    stats = json.loads((out / "stages" / "stats.json").read_text())["summary"]
+    assert stats["sigma_mean"] == pytest.approx(sigma_mean64(base, inst), rel=1e-6)
+    assert record["similarity"]["sigma_mean"] == stats["sigma_mean"]
+    card = (model_dir / "README.md").read_text()
+    assert sha in card and "| lr | 0.01 |" in card
+
+    # A later stage fails (here: the graft output is lost): re-running reuses the training.
+    before = (train_dir / "model.safetensors").stat().st_mtime_ns
+    grafted_bytes = (model_dir / "model.safetensors").read_bytes()
+    os.remove(model_dir / "model.safetensors")
+    kw = dict(base=str(pair["base"]), instruct=str(pair["instruct"]), data=str(pair["data"]), output=out, lr=1e-2,
+              batch_size=4, grad_accum=1, max_steps=6, save_every=3, gradient_checkpointing=False, quiet=True)
+    res = shadow_ft(**kw)
+    assert res.trained is False and (train_dir / "model.safetensors").stat().st_mtime_ns == before
+    assert (model_dir / "model.safetensors").read_bytes() == grafted_bytes
+
+    # Training died after its step-3 checkpoint: re-running resumes it and ends where the first run did.
+    for f in ("train_result.json", "model.safetensors"):
+        os.remove(train_dir / f)
+    res = shadow_ft(**kw)
+    assert res.trained is True
+    assert (model_dir / "model.safetensors").read_bytes() == grafted_bytes
+
+    with pytest.raises(ShadowgraftError) as e:
+        shadow_ft(**{**kw, "lr": 2e-2})
+    assert str(e.value) == (f"{train_dir}: was trained with lr=0.01, not 0.02; "
+                            "pass --overwrite to retrain, or choose another --output")
+
+
+def test_shadow_ft_lora_grafts_the_peft_merge(pair, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    res = shadow_ft(base=pair["base"], instruct=pair["instruct"], data=pair["data"], output=out, lora_rank=4, lr=3e-2,
+                    batch_size=4, grad_accum=1, max_steps=5, gradient_checkpointing=False, max_sigma=1e-4, quiet=True)
+    assert res.trained and res.model == (out / "model").absolute()
+    assert len(res.warnings) == 1 and "above 0.0001" in res.warnings[0]
+    # Reference: PEFT's own merge of the adapter into base, in fp32; its change is what lands on instruct.
+    b = AutoModelForCausalLM.from_pretrained(pair["base"], dtype=torch.float32)
+    base = {k: v.clone() for k, v in b.state_dict().items()}
+    merged = PeftModel.from_pretrained(b, out / "stages" / "train").merge_and_unload().state_dict()
+    inst, got = load(pair["instruct"]), load(out / "model")
+    changed = [n for n in got if not torch.equal(merged[n], base[n])]
+    assert len(changed) == 14 and all(any(k in n for k in LINEAR) for n in changed)
+    for n, y in got.items():
+        ref = inst[n].double() + (merged[n].double() - base[n].double())
+        assert_exact(y, ref)
+    record = json.loads((out / "model" / "shadowgraft.json").read_text())
+    assert record["mode"] == "adapter"
+    assert (record["training"]["hyperparameters"]["lora_rank"], record["training"]["hyperparameters"]["lora_alpha"]) == (4, 8.0)
+
+
+def test_shadow_ft_checks_inputs_before_working(pair, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        shadow_ft(base=pair["base"], instruct=pair["instruct"], data=tmp_path / "none.jsonl", output=tmp_path / "o")
+    with pytest.raises(ShadowgraftError, match="--batch-size must be at least 1, got 0"):
+        shadow_ft(base=pair["base"], instruct=pair["instruct"], data=pair["data"], output=tmp_path / "o", batch_size=0)
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(ShadowgraftError) as e:
+        shadow_ft(base=pair["base"], instruct=pair["instruct"], data=pair["data"], output=tmp_path / "m", overwrite=True)
+    assert str(e.value) == (f"{tmp_path / 'm'}: exists and is not a shadow-ft run folder (no stages/), so it is left "
+                            "alone; choose another --output")
+    assert (tmp_path / "m" / "config.json").exists()
