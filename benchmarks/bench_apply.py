@@ -27,7 +27,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (HERE, MB, VENV_BIN, Measurement, Trio, TrioShape, best_of, build_trio, human,  # noqa: E402
                     load_average, machine, measure, parse_size, print_table, shape_for_size, warm_cache)
-from verify import verify_outputs  # noqa: E402
+from agreement import verify_outputs  # noqa: E402
 
 PY = str(VENV_BIN / "python")
 
@@ -109,7 +109,9 @@ def pick_tools(args) -> list[Tool]:
     ]
     venv = Path(args.mergekit_venv or Path(args.workdir) / "mergekit-venv")
     if (venv / "bin" / "mergekit-yaml").exists():
-        tools.append(Tool("mergekit", "mergekit 0.1.5 task_arithmetic (bf16)", mergekit_cmd(venv), env=offline))
+        info = sorted(venv.glob("lib/python*/site-packages/mergekit-*.dist-info"))
+        version = info[-1].name.removesuffix(".dist-info").split("-", 1)[1] if info else "?"
+        tools.append(Tool("mergekit", f"mergekit {version} task_arithmetic (bf16)", mergekit_cmd(venv), env=offline))
     elif "mergekit" in (args.tools or "mergekit"):
         print(f"mergekit not found in {venv}: install it with `bash benchmarks/mergekit_venv.sh` "
               "(or `make bench-mergekit`); skipping its row", flush=True)
@@ -128,7 +130,7 @@ def run_all(trios: list[tuple[int, Trio]], tools: list[Tool], args, md: list[str
 
     Repeats go round-robin over sizes and tools, so load from other processes
     falls on every row alike instead of on whichever size ran during it.
-    Outputs of the last round are checked with ``verify.py``, then deleted.
+    Outputs of the last round are checked with ``agreement.py``, then deleted.
     """
     outroot = Path(args.workdir) / "out"
     warm_cache([f for _, tr in trios for w in ("base", "instruct", "tuned") for f in tr.files(w)])
@@ -193,13 +195,12 @@ def targets(sizes, tools: list[Tool], marginal: dict | None, md: list[str]) -> N
         rows.append([what, got, limit, "PASS" if ok else "FAIL"])
 
     for f, trio, r in sizes:
-        if "cpu" in keys:
-            cap = 4 * 4 * trio.shape.largest_numel() + 64 * MB
-            for dev in ("cpu", "cuda"):
-                if dev in keys:
-                    extra = r[dev].peak_anon - r["import"].peak_anon
-                    add(f"{dev} @{f}x: peak anon RSS above `import shadowgraft`", human(extra),
-                        f"<= {human(cap)} (4 x largest fp32 + 64 MB)", extra <= cap)
+        cap = 4 * 4 * trio.shape.largest_numel() + 64 * MB
+        for dev in ("cpu", "cuda"):
+            if dev in keys:
+                extra = r[dev].peak_anon - r["import"].peak_anon
+                add(f"{dev} @{f}x: peak anon RSS above `import shadowgraft`", human(extra),
+                    f"<= {human(cap)} (4 x largest fp32 + 64 MB)", extra <= cap)
     f0, t0, r0 = sizes[0]
     # Start-up does not depend on the trio: take the best of every size's runs.
     fixed = {k: min(r[k].seconds for _, _, r in sizes) for k in ("torch", "import") if k in keys}
@@ -244,6 +245,8 @@ def main() -> None:
              else shape_for_size(parse_size(args.size)))
     shard = parse_size(args.shard_size) if args.shard_size else -(-shape.nbytes() // 4)
     factors = [int(x) for x in args.scaling.split(",")]
+    if factors[0] < 1 or any(b <= a for a, b in zip(factors, factors[1:])):
+        ap.error(f"--scaling needs increasing positive multipliers, got {args.scaling}")
     tools = pick_tools(args)
     md: list[str] = []
     trios = [(f, build_trio(workdir=Path(args.workdir), shape=shape.scaled(f), shard_bytes=shard)) for f in factors]

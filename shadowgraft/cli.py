@@ -22,6 +22,18 @@ _state = {"debug": False}
 MODEL_HELP = "local folder, .safetensors file, or Hub id org/name[@revision]"
 
 
+def untrusted(text: str) -> str:
+    """Text from strangers' files (tensor names, paths), safe to print with rich on one line.
+
+    Control characters are shown escaped instead of reaching the terminal, and
+    rich markup in the text stays literal: ``untrusted("a[/]\x1b")`` prints
+    ``a[/]\x1b`` as typed.
+    """
+    from rich.markup import escape
+
+    return escape("".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(text.split())))
+
+
 def human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -57,13 +69,13 @@ def print_plan(plan, verbose: bool = False) -> None:
     for s in plan.shards:
         for i in s.items:
             if verbose or i.action != "copy":
-                t.add_row(i.name, i.action, i.dtype, "x".join(map(str, i.shape)) or "scalar", human(i.nbytes))
+                t.add_row(untrusted(i.name), i.action, i.dtype, "x".join(map(str, i.shape)) or "scalar", human(i.nbytes))
     if t.row_count:
         out.print(t)
     out.print(f"{plan.count('graft')} graft, {plan.count('copy')} copy, {plan.count('cast')} cast; "
               f"{len(plan.shards)} shard(s), {human(plan.nbytes)} to write")
     for w in plan.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"[yellow]warning:[/] {untrusted(w)}", emoji=False)
 
 
 def _register() -> None:
@@ -86,6 +98,10 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # Past a file-size limit (ulimit -f) SIGXFSZ would kill us mid-write and
+    # leave the temp folder; ignored, the write fails with EFBIG and is
+    # cleaned up and reported like a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     _state.pop("signal", None)
     try:
         rc = cli.main(args=argv, prog_name="shadowgraft", standalone_mode=False)
@@ -95,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        # Usage errors are one line too; the command's --help has the rest.
+        ctx = getattr(e, "ctx", None)
+        print_error(e.format_message().rstrip(".") + (f"; see '{ctx.command_path} --help'" if ctx is not None else ""))
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         err.print("interrupted; unfinished output was removed")
@@ -119,12 +137,10 @@ def print_error(text: str) -> None:
     shown escaped rather than sent to the terminal, rich markup and emoji
     codes in them are not interpreted, and the length is bounded.
     """
-    from rich.markup import escape
-
-    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(text.split()))
+    text = " ".join(text.split())
     if len(text) > 2000:
         text = text[:1200] + " ... " + text[-600:]
-    err.print(f"[red]error:[/] {escape(text)}", soft_wrap=True, emoji=False)
+    err.print(f"[red]error:[/] {untrusted(text)}", soft_wrap=True, emoji=False)
 
 
 def _one_line(e: BaseException) -> str:

@@ -15,6 +15,7 @@ Two forms, both written atomically like ``apply``'s output:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import time
@@ -198,6 +199,8 @@ def _write_delta(b, t, chosen, outdir: OutputDir, *, dtype, max_shard_size, devi
 
 def _write_lowrank(b, t, chosen, outdir: OutputDir, *, rank, energy, dtype, device, strict, progress, on_total, record,
                    warnings) -> DiffResult:
+    import torch
+
     from .lowrank import AdapterWriter, adapter_config, factorize, is_conv1d
     from .stream import Reader
 
@@ -232,7 +235,10 @@ def _write_lowrank(b, t, chosen, outdir: OutputDir, *, rank, energy, dtype, devi
             for n in chosen:
                 ti, bi = t[n], b[n]
                 d = delta(n)
-                norm2 = float(d.double().square().sum())
+                norm2 = float(torch.linalg.vector_norm(d)) ** 2
+                if not math.isfinite(norm2):
+                    raise ShadowgraftError(f"'{n}': the delta holds NaN/Inf values, so no low-rank fit exists; "
+                                           "check the inputs or skip it with --exclude")
                 row = {"name": n, "shape": list(ti.shape), "norm": norm2 ** 0.5}
                 module = n[: -len(".weight")]
                 why = not_matrix(n)

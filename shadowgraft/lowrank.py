@@ -74,7 +74,9 @@ def factorize(m: torch.Tensor, *, rank: int | None = None, energy: float | None 
     if rank is None and energy is None:
         raise ValueError("give rank, energy or both")
     m = m.float()
-    total = float(m.double().square().sum())
+    # torch's fp32 reductions sum in a cascade, accurate to ~1e-7 relative,
+    # without an fp64 copy of a possibly huge matrix.
+    total = float(torch.linalg.vector_norm(m)) ** 2
     if total == 0.0:
         return None
     kmax = min(m.shape)
@@ -91,7 +93,7 @@ def factorize(m: torch.Tensor, *, rank: int | None = None, energy: float | None 
     b = (u[:, :k] * root).contiguous()
     a = (root[:, None] * v[:, :k].T).contiguous()
     resid = torch.addmm(m, b, a, alpha=-1.0)
-    err = float(resid.double().square().sum()) ** 0.5 / total ** 0.5
+    err = float(torch.linalg.vector_norm(resid)) / total ** 0.5
     return Factors(a, b, float(s2[:k].sum() / total), err, method)
 
 

@@ -28,6 +28,7 @@ from .metrics import DeltaSums, Sums, chunk_sums
 from .naming import block_index, family, module_kind
 from .plan import select
 from .report import Group, Mismatch, Report, Summary, TensorRow
+from .stream import Reader
 
 # 256K elements: the three fp32 rows [A | B | A-B] and their scratch (6 MB)
 # stay in cache between the passes over a chunk, which is what makes several
@@ -81,8 +82,6 @@ def stats(
         raise ShadowgraftError(f"--threshold must be a positive number, got {threshold}")
     if chunk < 1:
         raise ShadowgraftError(f"chunk must be at least 1 element, got {chunk}")
-    from .stream import Reader
-
     with ExitStack() as stack:
         cka = stack.enter_context(Checkpoint.open(a))
         ckb = stack.enter_context(Checkpoint.open(b))
@@ -120,7 +119,7 @@ class _Matched:
     only_a: list[str]
     only_b: list[str]
     mismatched: list[Mismatch]
-    skipped: list[str]  # in both, not floating point
+    skipped: list[str]  # in both, but not F64/F32/F16/BF16 in both
     tuned_missing: list[str]  # compared A/B pairs that T lacks or has in another shape
 
 
@@ -133,7 +132,7 @@ def _match(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None, *, scope: s
     for ta in cka:
         tb = ckb.tensors.get(ta.name)
         if not ta.is_float or (tb is not None and not tb.is_float):
-            # Integer buffers (position ids, masks) carry no weights to compare.
+            # Integer buffers (position ids, masks) and fp8 scales are not compared.
             if tb is not None and named(ta.name):
                 skipped.append(ta.name)
             continue
@@ -196,13 +195,15 @@ def _measure(pairs: list[_Pair], reader, progress: Callable[[int], None], worker
         for info in (p.a, p.b, p.tuned):
             if info is not None:
                 reader.fd(info)
-    tasks = [(k, s, min(reader.chunk, p.numel - s)) for k, p in enumerate(pairs) for s in range(0, p.numel, reader.chunk)]
-    first = {}
-    for i, (k, _, _) in enumerate(tasks):
-        first.setdefault(k, i)
     totals = [(Sums(), DeltaSums() if p.tuned is not None else None) for p in pairs]
     slot = threading.local()
     ids = itertools.count()
+
+    def tasks():
+        # A generator: a 70B model is ~300K chunks, no need to list them.
+        for k, p in enumerate(pairs):
+            for s in range(0, p.numel, reader.chunk):
+                yield k, s, min(reader.chunk, p.numel - s)
 
     def work(k: int, s: int, n: int) -> tuple[Sums, DeltaSums | None]:
         # Each thread owns its buffers, named by a per-thread role suffix.
@@ -215,15 +216,14 @@ def _measure(pairs: list[_Pair], reader, progress: Callable[[int], None], worker
         t = reader.load_float(f"t{r}", p.tuned, s, n) if p.tuned is not None else None
         return chunk_sums(w, reader.work(f"tmp{r}", 3 * n, f32), t)
 
-    def advise(i: int) -> None:
-        k = tasks[i][0]
-        if first[k] == i and k + 1 < len(pairs):
+    def advise(k: int, s: int) -> None:
+        if s == 0 and k + 1 < len(pairs):
             # Let the kernel read the next tensors while this one is computed.
             nxt = pairs[k + 1]
             reader.advise(nxt.a, nxt.b, *((nxt.tuned,) if nxt.tuned is not None else ()))
 
-    def collect(i: int, res: tuple[Sums, DeltaSums | None]) -> None:
-        k, _, n = tasks[i]
+    def collect(task: tuple[int, int, int], res: tuple[Sums, DeltaSums | None]) -> None:
+        k, _, n = task
         s, d = totals[k]
         part, dpart = res
         totals[k] = (s + part, d + dpart if d is not None else None)
@@ -234,22 +234,25 @@ def _measure(pairs: list[_Pair], reader, progress: Callable[[int], None], worker
         # microseconds on these chunk-sized ops, which stalls badly whenever
         # the cores are shared; parallel chunks scale instead.
         if workers <= 1:
-            for i, task in enumerate(tasks):
-                advise(i)
-                collect(i, work(*task))
+            for task in tasks():
+                advise(*task[:2])
+                collect(task, work(*task))
         else:
             with ThreadPoolExecutor(workers, thread_name_prefix="stats") as ex:
                 pending: deque = deque()
-                for i, task in enumerate(tasks):
-                    advise(i)
-                    pending.append((i, ex.submit(work, *task)))
+                for task in tasks():
+                    advise(*task[:2])
+                    pending.append((task, ex.submit(work, *task)))
                     if len(pending) > 2 * workers:
-                        j, fut = pending.popleft()
-                        collect(j, fut.result())
+                        collect(*_result(pending.popleft()))
                 while pending:
-                    j, fut = pending.popleft()
-                    collect(j, fut.result())
+                    collect(*_result(pending.popleft()))
     return totals
+
+
+def _result(item):
+    task, fut = item
+    return task, fut.result()
 
 
 @contextmanager

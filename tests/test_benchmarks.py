@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from common import MB, TrioShape, build_trio, measure, parse_size, shape_for_size  # noqa: E402
-from verify import ulp_of, verify_outputs  # noqa: E402
+from agreement import ulp_of, verify_outputs  # noqa: E402
 
 import shadowgraft  # noqa: E402
 
@@ -77,13 +77,16 @@ def test_io_floor_copies_instruct_byte_for_byte(tmp_path):
         assert (out / f.name).read_bytes() == f.read_bytes()
 
 
-def test_verify_accepts_the_graft_and_the_paper_script_and_rejects_an_ungrafted_copy(tmp_path):
+def test_verify_accepts_the_graft_and_the_paper_script_and_rejects_an_ungrafted_copy(tmp_path, monkeypatch):
+    import paper_script
+
     trio = build_trio(workdir=tmp_path, shape=TrioShape(2, 64, 192, 128), shard_bytes=60_000)
     good = tmp_path / "good"
     shadowgraft.apply(instruct=trio.instruct, base=trio.base, tuned=trio.tuned, output=good)
     paper = tmp_path / "paper"
-    subprocess.run([sys.executable, str(BENCH / "paper_script.py"), "--instruct", str(trio.instruct),
-                    "--base", str(trio.base), "--tuned", str(trio.tuned), "--output", str(paper)], check=True)
+    monkeypatch.setattr(sys, "argv", ["paper_script.py", "--instruct", str(trio.instruct), "--base", str(trio.base),
+                                      "--tuned", str(trio.tuned), "--output", str(paper)])
+    paper_script.main()
     bad = tmp_path / "bad"
     subprocess.run([sys.executable, str(BENCH / "io_floor.py"), "--copy", *map(str, trio.files("instruct")),
                     "--to", str(bad)], check=True)

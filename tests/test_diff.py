@@ -76,6 +76,15 @@ def test_byte_identical_with_extreme_values(tmp_path, dtype):
         assert q[0] == 1.0 and q[2] == math.inf  # 1 - 1e-30 rounds to 1 in fp32; 3e38 + 3e38 overflows
 
 
+def test_wider_output_dtype_needs_a_float64_delta(tmp_path, trio):
+    """apply --dtype float32 on a bf16 instruct computes in fp64, so the matching delta is F64."""
+    kw = dict(instruct=trio["instruct"], dtype="float32", alpha=0.7)
+    shadowgraft.apply(base=trio["base"], tuned=trio["tuned"], output=tmp_path / "full", **kw)
+    diff(base=trio["base"], tuned=trio["tuned"], output=tmp_path / "d64", dtype="float64")
+    shadowgraft.apply(delta=tmp_path / "d64", output=tmp_path / "via", **kw)
+    assert shard_bytes(tmp_path / "full") == shard_bytes(tmp_path / "via")
+
+
 def test_delta_folder_metadata_and_dtype_override(tmp_path, trio):
     res = diff(base=trio["base"], tuned=trio["tuned"], output=tmp_path / "d", dtype="bfloat16", scope="attn")
     meta = json.loads((tmp_path / "d" / "shadowgraft.json").read_text())
@@ -88,8 +97,11 @@ def test_delta_folder_metadata_and_dtype_override(tmp_path, trio):
     d, t, b = load(tmp_path / "d"), load(trio["tuned"]), load(trio["base"])
     for n, x in d.items():
         assert_exact(x, t[n].double() - b[n].double())
-    # A bf16 delta is rounded, so apply --delta is then within an ulp of the full graft, not identical.
+    # A bf16 delta is itself rounded; apply --delta adds exactly what it stores.
     shadowgraft.apply(instruct=trio["instruct"], delta=tmp_path / "d", output=tmp_path / "o", scope="attn")
+    got, inst = load(tmp_path / "o"), load(trio["instruct"])
+    for n, x in d.items():
+        assert_exact(got[n], inst[n].double() + x.double())
 
 
 def test_diff_errors(tmp_path, trio, capsys):
@@ -275,3 +287,64 @@ def test_peft_loads_the_shadow_adapter_and_merges_like_us(tmp_path, arch):
             n_changed += 1
         torch.testing.assert_close(x, merged[n], rtol=1e-5, atol=1e-6)
     assert n_changed == res.summary["modules"] > 0
+
+
+def test_hub_ids_for_diff_and_delta(tmp_path, monkeypatch, trio):
+    from .test_hub import to_cache
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    to_cache(cache, "org/base", trio["base"], "a1" * 20)
+    to_cache(cache, "me/tuned", trio["tuned"], "b2" * 20)
+    diff(base="org/base", tuned="me/tuned", output=tmp_path / "delta")
+    meta = json.loads((tmp_path / "delta" / "shadowgraft.json").read_text())
+    assert meta["inputs"]["base"]["commit"] == "a1" * 20 and meta["inputs"]["tuned"]["repo_id"] == "me/tuned"
+    assert "org/base@" + "a1" * 20 in (tmp_path / "delta" / "README.md").read_text()  # the pinned command
+    to_cache(cache, "me/delta", tmp_path / "delta", "d4" * 20)
+    shadowgraft.apply(instruct=trio["instruct"], delta="me/delta", output=tmp_path / "via")
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "full")
+    assert shard_bytes(tmp_path / "via") == shard_bytes(tmp_path / "full")
+    res = diff(base="org/base", tuned="me/tuned", output=tmp_path / "lora", rank=2)
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert "base_model: org/base" in card and "library_name: peft" in card and "base_model_relation: adapter" in card
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/base"
+    assert res.summary["modules"] == 21
+
+
+def test_nan_in_tuned(tmp_path):
+    names = list(llama_tensors(SHAPE))
+    base = write_checkpoint(tmp_path / "base", names, lambda n, sh: randn(n, sh, 0))
+
+    def tuned(n, sh):
+        x = randn(n, sh, 0) + 0.001 * randn(n, sh, 2, 1.0)
+        if n == "model.layers.1.mlp.up_proj.weight":
+            x[3, 5] = float("nan")
+        return x
+
+    tuned_dir = write_checkpoint(tmp_path / "tuned", names, tuned)
+    with pytest.raises(ShadowgraftError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight': the delta holds NaN/Inf"):
+        diff(base=base, tuned=tuned_dir, output=tmp_path / "lora", rank=2)
+    with pytest.raises(ShadowgraftError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight': 1 NaN/Inf value\(s\) in the delta"):
+        diff(base=base, tuned=tuned_dir, output=tmp_path / "d", strict=True)
+    assert not (tmp_path / "lora").exists() and not (tmp_path / "d").exists()
+    res = diff(base=base, tuned=tuned_dir, output=tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "shadowgraft.json").read_text())["nonfinite"] == {"model.layers.1.mlp.up_proj.weight": 1}
+    assert res.kind == "delta"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_diff_matches_cpu_and_recovers_rank(tmp_path):
+    trio = make_trio(tmp_path / "in", shape=SHAPE, shard_bytes=60_000)
+    diff(base=trio["base"], tuned=trio["tuned"], output=tmp_path / "cpu", device="cpu")
+    diff(base=trio["base"], tuned=trio["tuned"], output=tmp_path / "cuda", device="cuda")
+    assert shard_bytes(tmp_path / "cpu") == shard_bytes(tmp_path / "cuda")
+    paths, change = low_rank_trio(tmp_path / "lr", 4)
+    diff(base=paths["base"], tuned=paths["tuned"], output=tmp_path / "lora", rank=4, device="cuda", exclude=[r"\.bias$"])
+    t, b = load(paths["tuned"]), load(paths["base"])
+    for n in change:
+        if n.endswith(".weight"):
+            true = t[n].double() - b[n].double()
+            assert float(torch.linalg.norm(adapter_delta(tmp_path / "lora", n[:-7]) - true) / torch.linalg.norm(true)) < 1e-4

@@ -441,3 +441,45 @@ def test_nan_in_a_copied_tensor_is_not_read_by_apply_but_verify_reports_it(good,
     assert_one_line_failure(code, err, "tensor 'model.norm.weight' has 1 NaN/Inf value(s) of 32")
     code, out_text, err = run(["verify", "--quick", str(out)], capsys)
     assert code == 0 and "values not read (--quick)" in out_text
+
+
+def test_markup_and_escapes_in_a_valid_name_print_literally(good, tmp_path, capsys):
+    tuned = copy_of(good, "tuned", tmp_path)
+    f = shards(tuned)[0]
+    head, data = split(f)
+    evil = "[/]x\x1b[2J:smile:"
+    head[evil] = {"dtype": "U8", "shape": [4], "data_offsets": [len(data), len(data) + 4]}
+    rewrite(f, head, data + b"abcd")
+    edit_index(tuned, lambda w: w.update({evil: f.name}))
+    code, _, err = run(["apply", "--instruct", str(good["instruct"]), "--base", str(good["base"]),
+                        "--tuned", str(tuned), "--output", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert r"1 tensor(s) only in tuned are ignored: [/]x\x1b[2J:smile:" in " ".join(err.split())
+    assert "\x1b" not in err
+
+
+# -- every other failure mode is one line too -------------------------------------------
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["apply"], "error: Missing option '--instruct'; see 'shadowgraft apply --help'"),
+    (["verify"], "error: Missing argument 'FOLDER'; see 'shadowgraft verify --help'"),
+    (["nosuchcommand"], "error: No such command 'nosuchcommand'; see 'shadowgraft --help'"),
+])
+def test_usage_errors_exit_2_with_one_line(argv, needle, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2 and err.strip() == needle
+
+
+def test_an_unexpected_exception_is_one_line_and_debug_shows_it(tmp_path, capsys, monkeypatch):
+    import shadowgraft.verify as v
+
+    def boom(*a, **k):
+        raise ValueError("unexpected\nstate")
+
+    monkeypatch.setattr(v, "verify", boom)
+    code, _, err = run(["verify", str(tmp_path)], capsys)
+    assert code == 1
+    assert err.strip() == "error: unexpected state (ValueError; this is a bug: rerun with --debug and report it)"
+    with pytest.raises(ValueError, match="unexpected"):
+        run(["--debug", "verify", str(tmp_path)], capsys)

@@ -260,18 +260,22 @@ def test_stale_temp_and_lock_from_a_killed_run_do_not_block(inputs, tmp_path):
 
 
 def test_disk_full_is_reported_and_leaves_nothing(inputs, tmp_path):
-    """The real console script, in a fresh process whose files may not exceed 60 kB (so writes fail with EFBIG)."""
+    """The real console script under ``ulimit -f`` (files may not exceed 60 kB): a write fails mid-shard.
+
+    The CLI itself ignores SIGXFSZ, so the failing write raises EFBIG instead
+    of the kernel killing the process; that is what this run relies on.
+    """
     trio, ref = inputs
     shard = max(p.stat().st_size for p in ref.glob("*.safetensors"))
     limit = 60_000
     assert shard > limit
 
     def starve():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # stays ignored across exec: write() returns EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
     exe = Path(sys.executable).with_name("shadowgraft")
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # No .pyc writing: a large one could hit the limit before the CLI ignores SIGXFSZ.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
     res = subprocess.run([str(exe), *apply_argv(trio, tmp_path / "out")], capture_output=True, text=True,
                          preexec_fn=starve, env=env, timeout=120)
     out = tmp_path / "out"

@@ -291,3 +291,35 @@ def test_peft_merge_and_unload_equals_ours(tmp_path):
     for n in got:
         # PEFT adds an fp32 delta in fp32 (several roundings); we round once from fp64.
         torch.testing.assert_close(got[n], merged[n], rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_from_hub_cache_offline(tmp_path, monkeypatch):
+    from .test_hub import to_cache
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    trio = make_trio(tmp_path / "in", shape=SHAPE)
+    inst = load(trio["instruct"])
+    factors = random_factors(llama_shapes(inst, kinds=LLAMA[:2]), 4)
+    ad = write_adapter(tmp_path / "lora", factors, r=4, lora_alpha=8)
+    (ad / "README.md").write_text("---\nlibrary_name: peft\n---\n")
+    to_cache(cache, "me/lora", ad, "c3" * 20)
+    res = shadowgraft.apply(instruct=trio["instruct"], adapter="me/lora", output=tmp_path / "out")
+    check(tmp_path / "out", inst, factors, {m: 2.0 for m in factors}, 1.0)
+    meta = json.loads((tmp_path / "out" / "shadowgraft.json").read_text())
+    assert meta["inputs"]["adapter"]["repo_id"] == "me/lora" and meta["inputs"]["adapter"]["commit"] == "c3" * 20
+    assert len(res.plan.grafted) == 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_adapter_matches_float64_reference(tmp_path, dtype):
+    trio = make_trio(tmp_path / "in", shape=SHAPE, dtype=dtype)
+    inst = load(trio["instruct"])
+    factors = random_factors(llama_shapes(inst), 8)
+    ad = write_adapter(tmp_path / "lora", factors, r=8, lora_alpha=16, use_rslora=True)
+    shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / "out", alpha=0.6, device="cuda")
+    check(tmp_path / "out", inst, factors, {m: 16 / math.sqrt(8) for m in factors}, 0.6)

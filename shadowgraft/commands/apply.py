@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import MODEL_HELP, err, human, out, print_plan, progress_bar
+from ..cli import MODEL_HELP, err, human, out, print_plan, progress_bar, untrusted
 
 
 @click.command("apply")
@@ -42,7 +42,7 @@ def command(quiet: bool, **kw) -> None:
             print_plan(plan)
         elif not quiet:
             for w in plan.warnings:
-                err.print(f"[yellow]warning:[/] {w}")
+                err.print(f"[yellow]warning:[/] {untrusted(w)}", emoji=False)
         if bar is not None and not dry:
             bar.start()
             if getattr(on_plan, "task", None) is None:
@@ -69,6 +69,6 @@ def command(quiet: bool, **kw) -> None:
     out.print(t)
     if s.nonfinite:
         err.print(f"[yellow]warning:[/] NaN/Inf values in {len(s.nonfinite)} grafted tensor(s): "
-                  + ", ".join(f"{k} ({v})" for k, v in list(s.nonfinite.items())[:3]))
+                  + untrusted(", ".join(f"{k} ({v})" for k, v in list(s.nonfinite.items())[:3])), emoji=False)
     if res.url:
         out.print(f"pushed to {res.url}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..cli import MODEL_HELP, err, out
@@ -50,11 +52,7 @@ def command(**kw) -> None:
     from ..train import TrainConfig, train
 
     res = train(config=TrainConfig(**kw), console=err)
-    if kw["quiet"] or res is None:
-        return
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
+    if not kw["quiet"] and os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         what = "LoRA adapter" if kw["lora_rank"] else "checkpoint"
         loss = f"{res.loss:.4f}" if res.loss is not None else "-"
         out.print(f"trained {res.steps - res.start_step} step(s) in {res.seconds:.1f} s, final loss {loss}; "

@@ -93,8 +93,9 @@ class TrainConfig:
     def hyperparameters(self) -> dict:
         """The fields that change what is learned (not where files go), with defaults resolved."""
         d = asdict(self)
+        # Gradient checkpointing recomputes the same activations, so it changes speed and memory, not the result.
         for k in ("model", "data", "output", "resume", "overwrite", "quiet", "device", "max_shard_size", "log_every",
-                  "save_every"):
+                  "save_every", "gradient_checkpointing"):
             d.pop(k)
         d.update(lr=self.learning_rate, lora_alpha=self.alpha, method="lora" if self.is_lora else "full")
         if not self.is_lora:

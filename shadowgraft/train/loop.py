@@ -168,7 +168,7 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
             targets, tokens = d.sum([sum(e.n_targets for mb in micro for e in mb),
                                      sum(len(e.input_ids) for mb in micro for e in mb)])
             lr = scheduler.get_last_lr()[0]
-            step_loss = 0.0
+            step_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: one sync per step
             for m, mb in enumerate(micro):
                 batch = {k: v.to(d.device) for k, v in collate(mb, pad_id=pad_id).items()}
                 with D.sync_grads(model, m == len(micro) - 1):
@@ -180,13 +180,13 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
                     # DDP and FSDP average gradients over ranks; scaling by the
                     # world size turns that into a mean over all target tokens.
                     (summed * (d.world / targets)).backward()
-                step_loss += float(summed.detach())
+                step_loss += summed.detach()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            (step_loss,) = d.sum([step_loss])
+            (step_loss,) = d.sum([float(step_loss)])
             loss_sum, tok_sum, win_targets = loss_sum + step_loss, tok_sum + tokens, win_targets + targets
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
@@ -222,7 +222,7 @@ def _save_final(out: Path, cfg: TrainConfig, model, stored, tokenizer, template,
     Files are staged in a sibling folder and moved in with the weights index
     (or single weights file) last, so a reader never sees a partial model.
     """
-    state = None if cfg.is_lora else S._full_state(model, d, set(stored))
+    state = None if cfg.is_lora else S.full_state(model, d, set(stored))
     if d.main:
         stage = out / ".final-tmp"
         shutil.rmtree(stage, ignore_errors=True)

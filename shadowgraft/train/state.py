@@ -34,7 +34,7 @@ def latest(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _full_state(model, d: Dist, names: set[str]) -> dict[str, torch.Tensor]:
+def full_state(model, d: Dist, names: set[str]) -> dict[str, torch.Tensor]:
     """Full (unsharded) values of ``names`` on rank 0; every rank must call it (it gathers under FSDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -52,7 +52,7 @@ def save(out: Path, *, step: int, model, optimizer, scheduler, d: Dist, extra: d
     """Write a checkpoint for ``step`` (collective: call on every rank; rank 0 writes)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    weights = _full_state(model, d, trainable_names(model))
+    weights = full_state(model, d, trainable_names(model))
     osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=d.enabled))
     rng = d.gather({"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None})
