@@ -151,6 +151,3 @@ def _one_line(e: BaseException) -> str:
 
 # Last, so that command modules can import anything defined above.
 _register()
-
-if __name__ == "__main__":
-    main()
