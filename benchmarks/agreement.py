@@ -23,7 +23,7 @@ GRAFTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def sample_names(trio: Trio) -> list[str]:
     last = trio.shape.layers - 1
     names = [n for n, _ in trio.shape.tensors()]
-    keep = [n for n in names if n.startswith((f"model.layers.0.", f"model.layers.{last}."))]
+    keep = [n for n in names if n.startswith(("model.layers.0.", f"model.layers.{last}."))]
     return keep + [n for n in names if not n.startswith("model.layers.")]
 
 

@@ -305,7 +305,8 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
                 row += [fmt(x.delta.ratio), fmt(x.delta.cosine)] if x.delta else ["-", "-"]
             t.add_row(*row)
         con.print(t)
-    for label, names in (("only in A", r.only_in_a), ("only in B", r.only_in_b), ("skipped, dtype not F64/F32/F16/BF16", r.skipped),
+    for label, names in (("only in A", r.only_in_a), ("only in B", r.only_in_b),
+                         ("skipped, dtype not F64/F32/F16/BF16", r.skipped),
                          ("missing or reshaped in tuned, no delta figures", r.tuned_missing)):
         if names:
             con.print(f"[yellow]{label}[/] ({len(names)}): {_names(names)}")

@@ -186,7 +186,8 @@ def _bytes_per_element(p: _Pair) -> int:
 # -- streaming --------------------------------------------------------------
 
 
-def _measure(pairs: list[_Pair], reader, progress: Callable[[int], None], workers: int) -> list[tuple[Sums, DeltaSums | None]]:
+def _measure(pairs: list[_Pair], reader: Reader, progress: Callable[[int], None],
+             workers: int) -> list[tuple[Sums, DeltaSums | None]]:
     """Sums of every pair, chunk by chunk; chunks run on ``workers`` threads, results are added in order."""
     import torch
 
@@ -296,7 +297,10 @@ def group_rows(rows: list[TensorRow], *, by: str) -> list[Group]:
         if key is None:
             continue
         groups.setdefault(key, []).append(r)
-    keys = sorted(groups) if by == "layer" else sorted(groups, key=lambda k: (_KIND_ORDER.index(k) if k in _KIND_ORDER else 99, k))
+    if by == "layer":
+        keys = sorted(groups)
+    else:
+        keys = sorted(groups, key=lambda k: (_KIND_ORDER.index(k) if k in _KIND_ORDER else len(_KIND_ORDER), k))
     return [_group(str(k) if by == "module" else k, groups[k], family(k) if by == "module" else None) for k in keys]
 
 
