@@ -116,9 +116,12 @@ def _body(record: dict) -> str:
             lines.append(f"| {role} | {model} | {d.get('revision') or '(default branch)'} | `{d.get('commit') or 'unknown'}` |")
         else:
             lines.append(f"| {role} | `{d.get('source') or d.get('path')}` (local) | - | - |")
-            local += [f"- {role} `{name}`: `{sha}`" for name, sha in (d.get("header_sha256") or {}).items()]
+            local += [f"- {role} `{name}` header: `{sha}`" for name, sha in (d.get("header_sha256") or {}).items()]
+            if d.get("sample_sha256"):
+                local.append(f"- {role} sampled data: `{d['sample_sha256']}`")
     if local:
-        lines += ["", "Local inputs have no commit; the sha256 of each safetensors header identifies them:", "", *local]
+        lines += ["", "Local inputs have no commit. The sha256 of each safetensors header pins names, shapes and dtypes; "
+                  "a sha256 over sampled data blocks tells apart checkpoints that share an architecture:", "", *local]
     lines += _similarity(record.get("similarity"))
     lines += _training(record.get("training"))
     notes = [f"- {w}" for w in record.get("warnings", [])]

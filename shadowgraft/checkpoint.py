@@ -8,6 +8,7 @@ not grow with the model the way a long-lived mmap would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -113,6 +114,33 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    def describe(self) -> dict:
+        """Provenance: Hub id and resolved commit, or absolute local path; plus content fingerprints.
+
+        A header hash names shapes and dtypes but not values (two checkpoints of
+        one architecture share it), so a sampled hash of the data is kept too.
+        """
+        d: dict = {"source": self.source}
+        if self.repo_id:
+            d.update(repo_id=self.repo_id, revision=self.revision, commit=self.commit)
+        else:
+            d["path"] = str(Path(self.source).expanduser().absolute())
+        d["header_sha256"] = self.header_hashes()
+        d["sample_sha256"] = self.sample_hash()
+        return d
+
+    def sample_hash(self, samples: int = 16, size: int = 4096) -> str:
+        """sha256 over each file's size and ``samples`` evenly spaced ``size``-byte blocks of its data."""
+        h = hashlib.sha256()
+        for hd in self.headers:
+            fd = self.fd(hd.file)
+            end = os.fstat(fd).st_size
+            h.update(f"{hd.file.name}:{end}:{hd.sha256}".encode())
+            span = max(end - hd.data_start - size, 0)
+            for k in range(samples):
+                h.update(os.pread(fd, size, hd.data_start + span * k // max(samples - 1, 1)))
+        return h.hexdigest()
 
     def header_hashes(self) -> dict[str, str]:
         """sha256 of each file's header, keyed by file name: the checkpoint's identity."""

@@ -95,7 +95,7 @@ def diff(
         chosen, warnings = _choose(b, t, scope=scope, include=include, exclude=exclude)
         record = {
             "shadowgraft_version": __version__,
-            "inputs": {"base": _describe(b), "tuned": _describe(t)},
+            "inputs": {"base": b.describe(), "tuned": t.describe()},
             "scope": scope, "include": list(include), "exclude": list(exclude),
             "command": command or _command(base, tuned, output, rank=rank, energy=energy, dtype=dtype, scope=scope,
                                            include=include, exclude=exclude),
@@ -318,16 +318,6 @@ def _verify(folder: Path, plan: Plan) -> None:
     with Checkpoint.open(folder) as ck:
         if {t.name: (t.dtype, t.shape) for t in ck} != {i.name: (i.dtype, i.shape) for i in plan.items}:
             raise ShadowgraftError(f"{folder}: written delta does not match the plan; this is a bug, please report it")
-
-
-def _describe(ck: Checkpoint) -> dict:
-    d: dict = {"source": ck.source}
-    if ck.repo_id:
-        d.update(repo_id=ck.repo_id, revision=ck.revision, commit=ck.commit)
-    else:
-        d["path"] = str(Path(ck.source).absolute())
-    d["header_sha256"] = ck.header_hashes()
-    return d
 
 
 def write_card(folder: Path, record: dict) -> None:

@@ -226,15 +226,7 @@ def _check_written(folder: Path, plan: Plan) -> None:
 
 
 def describe(ck) -> dict:
-    """Provenance of one input: Hub id and commit, or local path, plus header hashes."""
-    if isinstance(ck, Checkpoint):
-        d = {"source": ck.source}
-        if ck.repo_id:
-            d.update(repo_id=ck.repo_id, revision=ck.revision, commit=ck.commit)
-        else:
-            d["path"] = str(Path(ck.source).absolute())
-        d["header_sha256"] = ck.header_hashes()
-        return d
+    """Provenance of one input (a checkpoint or an adapter)."""
     return ck.describe()
 
 

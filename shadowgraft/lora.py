@@ -114,6 +114,7 @@ class Adapter:
         else:
             d["path"] = str(self.path.absolute())
         d["header_sha256"] = self.checkpoint.header_hashes()
+        d["sample_sha256"] = self.checkpoint.sample_hash()
         c = self.config
         d.update(peft_type=c.get("peft_type"), r=c.get("r"), lora_alpha=c.get("lora_alpha"),
                  use_rslora=bool(c.get("use_rslora", False)), target_modules=c.get("target_modules"),

@@ -71,10 +71,11 @@ def test_card_from_local_inputs_lists_header_hashes(tmp_path, trio):
     for role in ("instruct", "base", "tuned"):
         assert f"| {role} | `{trio[role]}` (local) | - | - |" in card.text
         with Checkpoint.open(trio[role]) as ck:
-            hashes = ck.header_hashes()
+            hashes, sample = ck.header_hashes(), ck.sample_hash()
         assert len(hashes) > 1
         for name, sha in hashes.items():
-            assert f"- {role} `{name}`: `{sha}`" in card.text
+            assert f"- {role} `{name}` header: `{sha}`" in card.text
+        assert f"- {role} sampled data: `{sample}`" in card.text
     # Nothing to pin, so the command is shown once.
     assert card.text.count("```bash") == 1
 

@@ -83,3 +83,13 @@ def test_truncated_shard_refused(tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(ShadowgraftError, match=r"model\.safetensors: tensor '.*' data_offsets .* run past the end of the file"):
         Checkpoint.open(folder)
+
+
+def test_sample_hash_tells_apart_checkpoints_with_one_architecture(tmp_path):
+    trio = make_trio(tmp_path, shape=Shape(layers=1))
+    base, tuned = Checkpoint.open(trio["base"]), Checkpoint.open(trio["tuned"])
+    assert base.header_hashes() == tuned.header_hashes()
+    assert base.sample_hash() != tuned.sample_hash()
+    assert base.sample_hash() == Checkpoint.open(trio["base"]).sample_hash()
+    d = base.describe()
+    assert d["path"] == str(trio["base"].absolute()) and d["sample_sha256"] == base.sample_hash()
