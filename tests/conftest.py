@@ -49,6 +49,15 @@ def assert_exact(got: torch.Tensor, ref64: torch.Tensor, *, min_exact: float = 0
     assert int(d.max()) <= max_ulp if d.numel() else True, f"max ulp error {int(d.max())}"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine run many times faster without intra-op threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def trio(tmp_path):
     """A sharded bf16 Llama-shaped base/instruct/tuned trio."""
