@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["shadowgraft", "shadowgraft.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         "safetensors>=0.4",
         "numpy>=1.24",
