@@ -10,7 +10,7 @@ from rich.console import Console
 
 from .checkpoint import Checkpoint
 from .graft import apply
-from .stats import stats as compare
+from .compare import stats as compare
 from .synthetic import Shape, make_trio
 
 

@@ -111,7 +111,7 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
 
 def _similarity(base, instruct, path: Path, max_sigma: float | None) -> dict:
     """The stats summary for (base, instruct), read back from ``path`` when an earlier run measured this pair."""
-    from .stats import THRESHOLD, stats
+    from .compare import THRESHOLD, stats
 
     threshold = THRESHOLD if max_sigma is None else max_sigma
     key = {"base": str(base), "instruct": str(instruct), "threshold": threshold}

@@ -14,7 +14,7 @@ import torch
 import shadowgraft
 from shadowgraft import ShadowgraftError
 from shadowgraft.cli import main
-from shadowgraft.stats import stats
+from shadowgraft.compare import stats
 from shadowgraft.synthetic import Shape, bert_tensors, llama_tensors, make_trio, randn, write_checkpoint
 
 from .conftest import load

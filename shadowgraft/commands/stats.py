@@ -37,7 +37,7 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
     A and B are each a local folder, a .safetensors file, or a Hub id org/name[@revision].
     """
     from ..report import check_plot
-    from ..stats import stats
+    from ..compare import stats
 
     if json_out == "-" and csv_out == "-":
         raise click.UsageError("only one of --json and --csv can be '-' (stdout)")
