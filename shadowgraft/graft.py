@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shlex
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -73,6 +72,11 @@ def apply(
         raise ShadowgraftError(f"--alpha must be a finite number, got {alpha}")
     out_dtype = parse_dtype(dtype)
     shard_size = parse_size(max_shard_size)
+    if command is None:
+        # Rebuilt from the arguments: from Python, sys.argv is someone else's command.
+        command = cli_line(instruct=instruct, base=base, tuned=tuned, delta=delta, adapter=adapter, output=output,
+                           alpha=alpha, scope=scope, include=include, exclude=exclude, dtype=dtype,
+                           max_shard_size=max_shard_size)
     dev = pick_device(device, matmul=adapter is not None)
     tuned_specs = expand_tuned(tuned) if tuned is not None else [None]
     many = len(tuned_specs) > 1
@@ -94,6 +98,9 @@ def apply(
             jobs.append(({}, plan_adapter(ins, ad, **kw), OutputDir(Path(output), overwrite=overwrite)))
         elif delta is not None:
             shared["delta"] = stack.enter_context(Checkpoint.open(delta))
+            root = shared["delta"].root
+            if root is not None and (root / "adapter_config.json").is_file():
+                raise ShadowgraftError(f"{delta}: is a PEFT adapter (adapter_config.json), not a delta; pass it with --adapter")
             jobs.append(({}, plan_graft(ins, delta=shared["delta"], **kw), OutputDir(Path(output), overwrite=overwrite)))
         else:
             shared["base"] = stack.enter_context(Checkpoint.open(base))
@@ -164,6 +171,30 @@ def _write(ins: Checkpoint, shared: dict, jobs: list, *, dev: str, strict: bool,
             write_card(tmp, record, instruct_root=ins.root)
             check_output(tmp)  # the cheap part of `shadowgraft verify`, before the rename
     return Result(plans[0], jobs[0][2].final, engine.stats, outputs=[o.final for _, _, o in jobs])
+
+
+def cli_line(*, include: Sequence[str], exclude: Sequence[str], tuned, alpha: float, scope: str, dtype: str,
+             max_shard_size, **paths) -> str:
+    """The ``shadowgraft apply`` command line equivalent to these arguments."""
+    words = ["shadowgraft", "apply"]
+    for flag in ("instruct", "base", "delta", "adapter"):
+        if paths[flag] is not None:
+            words += [f"--{flag}", os.fspath(paths[flag])]
+    for t in (tuned if isinstance(tuned, (list, tuple)) else [tuned] if tuned is not None else []):
+        words += ["--tuned", os.fspath(t)]
+    words += ["--output", os.fspath(paths["output"])]
+    if alpha != 1.0:
+        words += ["--alpha", repr(alpha)]
+    if scope != "linear":
+        words += ["--scope", scope]
+    for flag, values in (("--include", include), ("--exclude", exclude)):
+        for v in values:
+            words += [flag, v]
+    if dtype != "auto":
+        words += ["--dtype", dtype]
+    if max_shard_size is not None:
+        words += ["--max-shard-size", str(max_shard_size)]
+    return shlex.join(words)
 
 
 def expand_tuned(tuned) -> list:
@@ -240,7 +271,7 @@ def provenance(inputs: dict, plan: Plan, *, command: str | None, stats: Stats, d
         "inputs": {label: describe(ck) for label, ck in inputs.items()},
         "alpha": plan.alpha,
         "scope": plan.scope,
-        "command": command or shlex.join(["shadowgraft", *sys.argv[1:]]),
+        "command": command,
         "device": device,
         "grafted": plan.grafted,
         "copied": [i.name for i in plan.items if i.action != "graft"],

@@ -174,3 +174,23 @@ def test_cuda_requested_without_gpu_is_refused(monkeypatch, tmp_path):
     trio = make_trio(tmp_path / "in")
     with pytest.raises(shadowgraft.ShadowgraftError, match="--device cuda was asked for but torch sees no CUDA device"):
         shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o", device="cuda")
+
+
+def test_python_call_records_the_equivalent_command(tmp_path, trio):
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o",
+                      alpha=0.5, exclude=["down_proj"])
+    meta = json.loads((tmp_path / "o" / "shadowgraft.json").read_text())
+    assert meta["command"] == (f"shadowgraft apply --instruct {trio['instruct']} --base {trio['base']} --tuned {trio['tuned']} "
+                               f"--output {tmp_path / 'o'} --alpha 0.5 --exclude down_proj")
+
+
+def test_adapter_passed_as_delta_is_named(tmp_path, trio):
+    ad = tmp_path / "lora"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text("{}")
+    torch.manual_seed(0)
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(2, 64)}, str(ad / "adapter_model.safetensors"))
+    with pytest.raises(ShadowgraftError, match=r"lora: is a PEFT adapter \(adapter_config.json\), not a delta; pass it with --adapter"):
+        shadowgraft.apply(instruct=trio["instruct"], delta=ad, output=tmp_path / "o")
