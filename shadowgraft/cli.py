@@ -50,6 +50,20 @@ def cli(debug: bool) -> None:
     _state["debug"] = debug
 
 
+def selection_options(*, default: str = "linear", verb: str = "graft"):
+    """``--scope`` / ``--include`` / ``--exclude``, spelled and meaning the same in every command."""
+    scope_help = {"graft": "Which tensors are grafted", "compare": "Which tensors are compared",
+                  "diff": "Which tensors the delta holds"}[verb]
+
+    def deco(f):
+        f = click.option("--exclude", multiple=True, metavar="REGEX", help=f"Never {verb} names matching these (repeatable).")(f)
+        f = click.option("--include", multiple=True, metavar="REGEX", help=f"Only {verb} names matching one of these (repeatable).")(f)
+        return click.option("--scope", default=default, show_default=True, type=click.Choice(["linear", "attn", "mlp", "all"]),
+                            help=f"{scope_help}: block matrices and their biases (linear), their attention or MLP part, "
+                                 "or every floating tensor (all).")(f)
+    return deco
+
+
 def progress_bar(quiet: bool):
     """A rich byte-progress context on a terminal; a no-op otherwise."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn

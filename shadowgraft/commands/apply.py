@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import MODEL_HELP, err, human, out, print_plan, progress_bar, untrusted
+from ..cli import MODEL_HELP, err, human, out, print_plan, progress_bar, selection_options, untrusted
 
 
 @click.command("apply")
@@ -16,10 +16,7 @@ from ..cli import MODEL_HELP, err, human, out, print_plan, progress_bar, untrust
 @click.option("--adapter", help="A PEFT LoRA adapter trained on base.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (created atomically).")
 @click.option("--alpha", default=1.0, show_default=True, type=float, help="Scale of the grafted change.")
-@click.option("--scope", default="linear", show_default=True, type=click.Choice(["linear", "attn", "mlp", "all"]),
-              help="Which tensors are grafted: block matrices and their biases, attention or MLP ones only, or all.")
-@click.option("--include", multiple=True, metavar="REGEX", help="Only graft names matching one of these (repeatable).")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Never graft names matching these (repeatable).")
+@selection_options(default="linear", verb="graft")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", default="auto", show_default=True, help="Output dtype: auto keeps instruct's per tensor.")
 @click.option("--max-shard-size", default=None, help="e.g. 5GB; default mirrors instruct's shards.")

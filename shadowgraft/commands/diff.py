@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import MODEL_HELP, err, human, out, progress_bar
+from ..cli import MODEL_HELP, err, human, out, progress_bar, selection_options
 
 
 @click.command("diff", help="Write TUNED - BASE: the full delta (for `apply --delta`), or with --rank/--energy a PEFT "
@@ -19,10 +19,7 @@ from ..cli import MODEL_HELP, err, human, out, progress_bar
 @click.option("--dtype", default="auto", show_default=True,
               help="Stored dtype. auto: the exact working precision for a full delta (F32 for 16-bit models, "
                    "F64 for F32 ones), F32 for adapter factors.")
-@click.option("--scope", default="linear", show_default=True, type=click.Choice(["linear", "attn", "mlp", "all"]),
-              help="Which tensors: block matrices and their biases, attention or MLP ones only, or all.")
-@click.option("--include", multiple=True, metavar="REGEX", help="Only tensors matching one of these (repeatable).")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Never tensors matching these (repeatable).")
+@selection_options(default="linear", verb="diff")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Full delta: largest output file.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--strict", is_flag=True, help="Fail on NaN/Inf deltas, and (with --rank/--energy) on non-zero deltas "

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..cli import err, out, progress_bar
+from ..cli import err, out, progress_bar, selection_options
 from ..errors import ShadowgraftError
 
 
@@ -23,10 +23,7 @@ from ..errors import ShadowgraftError
               help="Also list the N tensors with the largest sigma (0: none; with --by tensor, 0 lists all).")
 @click.option("--threshold", default=0.05, show_default=True, type=float,
               help="Graftable when sigma_mean is under this (the paper saw < 0.05 in all nine families).")
-@click.option("--scope", default="all", show_default=True, type=click.Choice(["all", "linear", "attn", "mlp"]),
-              help="Which tensors to compare (as in apply).")
-@click.option("--include", multiple=True, metavar="REGEX", help="Only compare names matching one of these (repeatable).")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Never compare names matching these (repeatable).")
+@selection_options(default="all", verb="compare")
 @click.option("--strict", is_flag=True, help="Fail if any compared tensor holds NaN or Inf values.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no tables; only the files asked for.")
 def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: str | None, plot_out: str | None,
