@@ -88,8 +88,14 @@ def print_plan(plan, verbose: bool = False) -> None:
         out.print(t)
     out.print(f"{plan.count('graft')} graft, {plan.count('copy')} copy, {plan.count('cast')} cast; "
               f"{len(plan.shards)} shard(s), {human(plan.nbytes)} to write")
+    print_notes(plan)
+
+
+def print_notes(plan) -> None:
     for w in plan.warnings:
         err.print(f"[yellow]warning:[/] {untrusted(w)}", emoji=False)
+    for n in plan.notes:
+        err.print(f"[dim]note: {untrusted(n)}[/]", emoji=False)
 
 
 def _register() -> None:

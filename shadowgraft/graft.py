@@ -278,5 +278,6 @@ def provenance(inputs: dict, plan: Plan, *, command: str | None, stats: Stats, d
         "seconds": round(stats.seconds, 3),
         "nonfinite": stats.nonfinite,
         "warnings": list(plan.warnings),
+        "notes": list(plan.notes),
         **(extra or {}),
     }

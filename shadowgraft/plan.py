@@ -64,7 +64,8 @@ class Plan:
     shards: tuple[Shard, ...]
     alpha: float
     scope: str
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # something the user may not expect (ignored tensors)
+    notes: tuple[str, ...] = ()  # what the selection implies (tensors left at instruct's values)
 
     @property
     def items(self) -> list[Item]:
@@ -140,8 +141,12 @@ def plan_graft(
     # The engine computes deltas[0] - deltas[1], or adds deltas[0] alone.
     deltas = {n: (tuned[n], base[n]) if delta is None else (delta[n],) for n in chosen}
     items = [_item(t, dtype, deltas.get(t.name)) for t in instruct]
-    warnings = _unused_warnings(instruct, sources, chosen, scope)
-    return Plan(tuple(plan_shards(instruct, items, max_shard_size)), alpha, scope, tuple(warnings))
+    warnings = _unused_warnings(instruct, sources)
+    first = next(iter(sources.values()))
+    picked = set(chosen)
+    kept = [n for n in instruct.tensors if n in first.tensors and n not in picked]
+    notes = [f"{len(kept)} tensor(s) outside --scope {scope}/--include/--exclude keep instruct's values: {_names(kept)}"] if kept else []
+    return Plan(tuple(plan_shards(instruct, items, max_shard_size)), alpha, scope, tuple(warnings), tuple(notes))
 
 
 def _item(src: TensorInfo, dtype: str | None, deltas: tuple[TensorInfo, ...] | None, lora: LoraTerm | None = None) -> Item:
@@ -178,16 +183,12 @@ def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: 
         raise ShadowgraftError("; ".join(problems[:3]) + more + "; exclude them with --exclude REGEX or fix the inputs")
 
 
-def _unused_warnings(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: list[str], scope: str) -> list[str]:
+def _unused_warnings(instruct: Checkpoint, sources: dict[str, Checkpoint]) -> list[str]:
     out = []
     for label, ck in sources.items():
         extra = [n for n in ck.tensors if n not in instruct.tensors]
         if extra:
             out.append(f"{len(extra)} tensor(s) only in {label} are ignored: {_names(extra)}")
-    first = next(iter(sources.values()))
-    kept = [n for n in instruct.tensors if n in first.tensors and n not in set(chosen)]
-    if kept:
-        out.append(f"{len(kept)} tensor(s) not selected by --scope {scope}/--include/--exclude keep instruct's values: {_names(kept)}")
     return out
 
 

@@ -49,3 +49,12 @@ def test_tensors_only_in_tuned_are_warned(tmp_path):
     plan = plan_graft(Checkpoint.open(small["instruct"]), base=Checkpoint.open(big["base"]), tuned=Checkpoint.open(big["tuned"]))
     assert any(w.startswith("9 tensor(s) only in base are ignored") for w in plan.warnings)
     assert any(w.startswith("9 tensor(s) only in tuned are ignored") for w in plan.warnings)
+
+
+def test_tensors_left_at_instruct_are_a_note_not_a_warning(tmp_path):
+    trio = make_trio(tmp_path, shape=Shape(layers=2))
+    ins, base, tuned = (Checkpoint.open(trio[k]) for k in ("instruct", "base", "tuned"))
+    plan = plan_graft(ins, base=base, tuned=tuned)
+    assert plan.warnings == ()
+    assert plan.notes == ("7 tensor(s) outside --scope linear/--include/--exclude keep instruct's values: "
+                          "lm_head.weight, model.embed_tokens.weight, model.layers.0.input_layernorm.weight, ...",)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import MODEL_HELP, err, human, out, print_plan, progress_bar, selection_options, untrusted
+from ..cli import MODEL_HELP, err, human, out, print_notes, print_plan, progress_bar, selection_options, untrusted
 
 
 @click.command("apply")
@@ -38,8 +38,7 @@ def command(quiet: bool, **kw) -> None:
         if dry:
             print_plan(plan)
         elif not quiet:
-            for w in plan.warnings:
-                err.print(f"[yellow]warning:[/] {untrusted(w)}", emoji=False)
+            print_notes(plan)
         if bar is not None and not dry:
             bar.start()
             if getattr(on_plan, "task", None) is None:
