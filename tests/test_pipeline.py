@@ -14,7 +14,8 @@ from shadowgraft.cli import main
 from shadowgraft.pipeline import shadow_ft
 
 from .conftest import assert_exact, load
-from .tiny_lm import CHATML, qa_rows, tiny_pair, write_jsonl
+from .tiny_lm import pair  # noqa: F401  (module fixture)
+from .tiny_lm import CHATML
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -23,14 +24,6 @@ LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    p = tiny_pair(root)
-    p["data"] = write_jsonl(root / "qa.jsonl", qa_rows() * 4)
-    return p
 
 
 def sigma_mean64(a: dict, b: dict) -> float:

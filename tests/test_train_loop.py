@@ -18,6 +18,7 @@ from shadowgraft.train.loop import cosine_lr, step_examples
 from shadowgraft.train.model import require_extra
 
 from .conftest import load, ulp_distance
+from .tiny_lm import pair  # noqa: F401  (module fixture)
 from .tiny_lm import qa_rows, tiny_pair, write_jsonl
 
 pytest.importorskip("transformers")
@@ -27,14 +28,6 @@ LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    p = tiny_pair(root)
-    p["data"] = write_jsonl(root / "qa.jsonl", qa_rows() * 4)
-    return p
 
 
 def cfg(pair, out, **kw) -> TrainConfig:

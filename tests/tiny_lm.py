@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -76,3 +77,12 @@ def qa_rows(n: int = 4) -> list[dict]:
     qs = [("what is two plus two?", "four."), ("hello world", "how are you today?"),
           ("the quick brown fox", "jumps over the lazy dog"), ("add 3 and 4", "7")]
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qs[:n]]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny base/instruct pair and a small repeated Q&A data set, built once per test module."""
+    root = tmp_path_factory.mktemp("lm")
+    p = tiny_pair(root)
+    p["data"] = write_jsonl(root / "qa.jsonl", qa_rows() * 4)
+    return p
