@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 from .checkpoint import Checkpoint
 from .errors import ShadowgraftError
-from .header import DTYPE_BITS, FLOAT_DTYPES, TensorInfo
+from .header import DTYPE_BITS, TensorInfo
 from .naming import SCOPES, in_scope, sibling_weight
 
 
