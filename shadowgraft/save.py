@@ -7,7 +7,6 @@ at a time, so the only extra memory is one tensor in its output dtype.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
@@ -16,7 +15,7 @@ import torch
 from .dtypes import code_of, torch_dtype
 from .header import DTYPE_BITS, TensorInfo
 from .plan import Item, Shard, parse_size
-from .writer import index_json, shard_header
+from .writer import shard_header, write_index
 
 
 def plan_tensors(tensors: Mapping[str, torch.Tensor], *, max_shard_size: str | int | None = None,
@@ -67,8 +66,5 @@ def save_tensors(folder: str | Path, tensors: Mapping[str, torch.Tensor], *, max
                 if t.numel():
                     # A byte view writes any dtype (bf16 included) without a numpy equivalent.
                     f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-    files = [s.file for s in shards]
-    if len(shards) > 1:
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index_json(shards), indent=2) + "\n")
-        files.append("model.safetensors.index.json")
-    return files
+    index = write_index(folder, shards)
+    return [s.file for s in shards] + ([index] if index else [])

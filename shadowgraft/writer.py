@@ -23,6 +23,7 @@ from .plan import Shard
 
 # Weights of any framework and files we write ourselves are not copied from instruct.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx", ".ot")
+INDEX_FILE = "model.safetensors.index.json"
 _SKIP_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", "shadowgraft.json", ".gitattributes"}
 
 
@@ -43,6 +44,23 @@ def index_json(shards: list[Shard] | tuple[Shard, ...]) -> dict:
         "metadata": {"total_size": sum(s.nbytes for s in shards)},
         "weight_map": {it.name: s.file for s in shards for it in s.items},
     }
+
+
+def write_index(folder: Path, shards) -> str | None:
+    """Write ``model.safetensors.index.json`` when there is more than one shard; returns its name if written."""
+    if len(shards) <= 1:
+        return None
+    (Path(folder) / INDEX_FILE).write_text(json.dumps(index_json(shards), indent=2) + "\n")
+    return INDEX_FILE
+
+
+def check_written(folder: Path, plan, *, what: str = "checkpoint") -> None:
+    """Re-open what was written the way a user will, and compare its tensors with the plan."""
+    from .checkpoint import Checkpoint
+
+    with Checkpoint.open(folder) as ck:
+        if {t.name: (t.dtype, t.shape) for t in ck} != {i.name: (i.dtype, i.shape) for i in plan.items}:
+            raise ShadowgraftError(f"{folder}: written {what} does not match the plan; this is a bug, please report it")
 
 
 def copy_side_files(src: Path | None, dst: Path) -> list[str]:
