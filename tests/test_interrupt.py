@@ -31,7 +31,7 @@ from shadowgraft.writer import OutputDir, signals_deferred
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW = 0.015  # seconds per write call in the children: about one second per run
-WINDOW = 1.2  # signals land uniformly in this many seconds after the temp folder appears (some after the end)
+WINDOW = 1.2  # signals land within this many times a measured run after the temp folder appears (some after the end)
 SERVER = r"""
 import json, os, resource, signal, sys, time
 import shadowgraft.cli, shadowgraft.graft, shadowgraft.verify  # warm: children start with torch imported
@@ -140,6 +140,28 @@ def debris(parent: Path, name: str = "out") -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
 
 
+@pytest.fixture(scope="module")
+def run_seconds(forker, inputs, tmp_path_factory) -> float:
+    """How long a slowed-down child runs after its temporary folder appears: measured here, not assumed."""
+    trio, _ = inputs
+    parent = tmp_path_factory.mktemp("timing")
+    pid = forker.start(apply_argv(trio, parent / "out"), parent / "stderr", slow=SLOW)
+    wait_for_temp(parent, pid)
+    t0 = time.monotonic()
+    assert forker.wait(pid) == 0
+    return time.monotonic() - t0
+
+
+def moments(rng: random.Random, n: int, run_seconds: float) -> list[float]:
+    """``n`` random signal delays, the k-th drawn in the k-th n-th of WINDOW x the run.
+
+    Stratified so the first always lands mid-run (whatever the machine's
+    speed) while later ones may land after the end.
+    """
+    span = WINDOW * run_seconds / n
+    return [rng.uniform(k * span, (k + 1) * span) for k in range(n)]
+
+
 def wait_for_temp(parent: Path, pid: int, timeout: float = 60) -> None:
     """Block until the child has created its temporary folder (it holds the lock from then on)."""
     end = time.monotonic() + timeout
@@ -155,18 +177,20 @@ def lines(path: Path) -> list[str]:
     return [ln for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def test_sigint_and_sigterm_at_random_moments_remove_everything(forker, inputs, tmp_path):
+def test_sigint_and_sigterm_at_random_moments_remove_everything(forker, inputs, tmp_path, run_seconds):
     trio, ref = inputs
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     cut_short = 0
-    for k, (sig, code) in enumerate([(signal.SIGINT, 130), (signal.SIGTERM, 143)] * 2):
+    trials = [(signal.SIGINT, 130), (signal.SIGTERM, 143)] * 2
+    delays = moments(rng, len(trials), run_seconds)
+    for k, (sig, code) in enumerate(trials):
         parent = tmp_path / f"t{k}"
         parent.mkdir()
         out = parent / "out"
         pid = forker.start(apply_argv(trio, out), parent / "stderr", slow=SLOW)
         wait_for_temp(parent, pid)
-        time.sleep(rng.uniform(0, WINDOW))
+        time.sleep(delays[k])
         os.kill(pid, sig)
         got = forker.wait(pid)
         where = f"seed {seed}, trial {k}, {sig.name}"
@@ -182,18 +206,19 @@ def test_sigint_and_sigterm_at_random_moments_remove_everything(forker, inputs, 
     assert cut_short, f"every run finished before its signal (seed {seed}); slow the children down"
 
 
-def test_sigkill_at_random_moments_leaves_no_partial_model(forker, inputs, tmp_path):
+def test_sigkill_at_random_moments_leaves_no_partial_model(forker, inputs, tmp_path, run_seconds):
     trio, ref = inputs
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     killed = 0
+    delays = moments(rng, 3, run_seconds)
     for k in range(3):
         parent = tmp_path / f"t{k}"
         parent.mkdir()
         out = parent / "out"
         pid = forker.start(apply_argv(trio, out), parent / "stderr", slow=SLOW)
         wait_for_temp(parent, pid)
-        time.sleep(rng.uniform(0, WINDOW))
+        time.sleep(delays[k])
         os.kill(pid, signal.SIGKILL)
         got = forker.wait(pid)
         where = f"seed {seed}, trial {k}"
@@ -210,12 +235,13 @@ def test_sigkill_at_random_moments_leaves_no_partial_model(forker, inputs, tmp_p
     assert killed, f"every run finished before SIGKILL (seed {seed}); slow the children down"
 
 
-def test_overwrite_killed_midway_keeps_a_complete_model(forker, inputs, tmp_path):
+def test_overwrite_killed_midway_keeps_a_complete_model(forker, inputs, tmp_path, run_seconds):
     trio, ref = inputs
     old = tmp_path / "old-version"
     shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=old, alpha=0.5)
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
+    delays = moments(rng, 2, run_seconds)
     for k in range(2):
         parent = tmp_path / f"t{k}"
         parent.mkdir()
@@ -223,7 +249,7 @@ def test_overwrite_killed_midway_keeps_a_complete_model(forker, inputs, tmp_path
         subprocess.run(["cp", "-r", str(old), str(out)], check=True)
         pid = forker.start(apply_argv(trio, out, "--overwrite"), parent / "stderr", slow=SLOW)
         wait_for_temp(parent, pid)
-        time.sleep(rng.uniform(0, WINDOW))
+        time.sleep(delays[k])
         os.kill(pid, signal.SIGKILL)
         forker.wait(pid)
         assert weights(out) in (weights(old), weights(ref)), f"seed {seed}, trial {k}"
