@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from shadowgraft.metrics import DeltaSums, Sums, chunk_sums, tensor_sums
+from shadowgraft import metrics
+from shadowgraft.metrics import DeltaSums, Sums, range_sums, tensor_sums
 
 
 def ref(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -108,15 +109,27 @@ def test_nan_and_inf_are_counted_not_hidden():
     assert s.n_diff == 4 and s.identical == pytest.approx(0.2)
 
 
-def test_chunk_sums_uses_the_documented_layout():
-    n = 3
-    w = torch.empty(3 * n)
-    w[:n] = torch.tensor([1.0, -2.0, 3.0])
-    w[n : 2 * n] = torch.tensor([1.0, 2.0, 0.0])
-    s, d = chunk_sums(w, torch.empty(3 * n))
+def test_range_sums_on_a_worked_example():
+    s, d = range_sums(torch.tensor([1.0, -2.0, 3.0]), torch.tensor([1.0, 2.0, 0.0]))
     assert d is None
     assert (s.abs_a, s.abs_b, s.abs_d, s.sq_a, s.sq_b, s.sq_d, s.max_abs, s.n_diff) == (6, 3, 7, 14, 5, 25, 4, 2)
     assert s.dot == -3.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_compiled_kernel_equals_plain_python_bit_for_bit(dtype):
+    """The TorchScript kernel and the plain function give the same bits."""
+    assert isinstance(metrics.kernel(), torch.jit.ScriptFunction), "TorchScript fell back: stats threads would hold the GIL"
+    a, b = pair(70_001, dtype, seed=5)
+    t = (a.double() + 0.5 * (b.double() - a.double())).to(dtype)
+    step, steps = 8_192, -(-70_001 // 8_192)
+    out = []
+    for run in (metrics.kernel(), metrics._kernel):
+        parts = torch.zeros((steps, metrics.COLS), dtype=torch.float64)
+        run(a, b, t, torch.empty(5 * step), parts, step)
+        out.append(parts)
+    assert torch.equal(out[0], out[1])
+    assert out[0][:, metrics.N_DIFF].sum() > 0 and out[0][:, metrics.SQ_T].sum() > 0
 
 
 def test_delta_sums_match_float64_reference():
