@@ -151,7 +151,8 @@ def run_all(trios: list[tuple[int, Trio]], tools: list[Tool], args, md: list[str
                 out = outroot / f"{f}x" / t.key
                 shutil.rmtree(out, ignore_errors=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
-                runs[f, t.key].append(measure(t.command(trio, out), env=t.env).check(t.label))
+                prime = (out.parent, trio.input_bytes() // 3) if t.streams else None
+                runs[f, t.key].append(measure(t.command(trio, out), env=t.env, prime=prime).check(t.label))
                 outs[t.label] = out
                 if not (last and t.key in ("cpu", "cuda", "paper", "mergekit")):
                     shutil.rmtree(out, ignore_errors=True)
