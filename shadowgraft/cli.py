@@ -111,13 +111,17 @@ def _register() -> None:
 
 
 def _on_sigterm(signum, frame):
-    # Turn SIGTERM into the same unwinding as Ctrl-C so temporary output is removed.
+    # Turn SIGTERM and SIGHUP into the same unwinding as Ctrl-C so temporary output is removed.
     _state["signal"] = signum
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        # A closed terminal or ssh session ends the run cleanly; under
+        # ``nohup`` (SIGHUP ignored) the run goes on, as the user asked.
+        signal.signal(signal.SIGHUP, _on_sigterm)
     # Past a file-size limit (ulimit -f) SIGXFSZ would kill us mid-write and
     # leave the temp folder; ignored, the write fails with EFBIG and is
     # cleaned up and reported like a full disk.
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         err.print("interrupted; unfinished output was removed")
-        sys.exit(128 + _state.get("signal", signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
+        sys.exit(128 + _state.get("signal", signal.SIGINT))  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
     except (ShadowgraftError, OSError) as e:
         if _state["debug"]:
             raise

@@ -77,7 +77,7 @@ def copy_side_files(src: Path | None, dst: Path) -> list[str]:
 
 @contextmanager
 def signals_deferred():
-    """Hold SIGINT and SIGTERM until the block ends, then deliver them.
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then deliver them.
 
     Handlers, not the signal mask: torch's worker threads would still take a
     masked signal and Python would run the handler in the main thread anyway.
@@ -86,7 +86,7 @@ def signals_deferred():
         yield
         return
     caught: list[int] = []
-    sigs = (signal.SIGINT, signal.SIGTERM)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     prev = {s: signal.signal(s, lambda num, frame: caught.append(num)) for s in sigs}
     try:
         yield

@@ -53,6 +53,8 @@ def child(req):
     os.dup2(os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
     if req.get("slow"):
         slow_down(req["slow"])
+    # A terminal's default, whatever the test runner was started under (nohup ignores SIGHUP).
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     code = 0
     try:
         shadowgraft.cli.main(req["argv"])
@@ -177,12 +179,12 @@ def lines(path: Path) -> list[str]:
     return [ln for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def test_sigint_and_sigterm_at_random_moments_remove_everything(forker, inputs, tmp_path, run_seconds):
+def test_sigint_sigterm_sighup_at_random_moments_remove_everything(forker, inputs, tmp_path, run_seconds):
     trio, ref = inputs
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     cut_short = 0
-    trials = [(signal.SIGINT, 130), (signal.SIGTERM, 143)] * 2
+    trials = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)] * 2
     delays = moments(rng, len(trials), run_seconds)
     for k, (sig, code) in enumerate(trials):
         parent = tmp_path / f"t{k}"
@@ -367,6 +369,27 @@ def test_lock_refuses_a_second_writer_in_process(tmp_path):
         with pytest.raises(ShadowgraftError, match="another shadowgraft run is writing it"):
             OutputDir(tmp_path / "out").__enter__()
     assert (tmp_path / "out").is_dir() and debris(tmp_path) == []
+
+
+def test_sighup_is_left_ignored_under_nohup(inputs, tmp_path):
+    """``nohup shadowgraft apply ...`` must survive the terminal closing: SIGHUP stays ignored."""
+    trio, ref = inputs
+    out = tmp_path / "out"
+    code = (
+        "import os, signal, sys\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "from shadowgraft import writer\n"
+        "real = writer.OutputDir.__exit__\n"
+        "def hup_then_exit(self, *exc):\n"
+        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        "    return real(self, *exc)\n"
+        "writer.OutputDir.__exit__ = hup_then_exit\n"
+        "from shadowgraft.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, *apply_argv(trio, out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, ref)
 
 
 def test_signals_are_held_during_commit_and_delivered_after():
