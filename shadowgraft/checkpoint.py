@@ -26,6 +26,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+(?:@[\w./-]+)?$")
 
 
+def is_repo_spec(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` (that is not an existing path) reads as a Hub id, ``org/name[@revision]``."""
+    return isinstance(spec, str) and bool(REPO_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
 @dataclass
 class Checkpoint:
     """A set of safetensors files seen as one ``name -> TensorInfo`` map.
@@ -53,7 +58,7 @@ class Checkpoint:
         path = Path(text).expanduser()
         if path.exists():
             return cls._open_local(text, path)
-        if isinstance(spec, str) and REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+        if is_repo_spec(spec):
             from . import hub  # lazy: only Hub users pay for it
 
             res = hub.resolve(text)

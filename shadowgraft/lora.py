@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoint import REPO_ID, Checkpoint, _pickle_refusal
+from .checkpoint import Checkpoint, _pickle_refusal, is_repo_spec
 from .errors import ShadowgraftError
 from .header import TensorInfo
 from .naming import module_kind
@@ -147,7 +147,7 @@ def open_adapter(spec: str | os.PathLike) -> Adapter:
     if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
         path = path.parent
     if not path.exists():
-        if isinstance(spec, str) and REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+        if is_repo_spec(spec):
             from . import hub  # lazy: only Hub users pay for it
 
             repo = hub.resolve(text, patterns=HUB_PATTERNS)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, _files_from_index, _files_in_folder, _pickle_refusal
+from .checkpoint import (INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, _files_from_index, _files_in_folder, _pickle_refusal,
+                         is_repo_spec)
 from .errors import ShadowgraftError
 from .header import DTYPE_BITS, Header, TensorInfo, read_header
 
@@ -52,7 +53,7 @@ def verify(
     hash_files: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
-    """Validate a checkpoint folder (or one ``.safetensors`` file, or an index file).
+    """Validate a checkpoint folder (or one ``.safetensors`` file, an index file, or a Hub id).
 
     Cheap checks: every header (see ``header.py``), no bytes outside tensors,
     the safetensors library itself accepts each file, no tensor stored twice,
@@ -65,9 +66,16 @@ def verify(
     >>> verify("./grafted").problems                   # doctest: +SKIP
     ()
     """
+    spec = path
     path = Path(path).expanduser()
     if not os.path.lexists(path):
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        if not is_repo_spec(spec):
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        from . import hub  # lazy: only Hub users pay for it
+
+        # The snapshot as apply would read it; with hash_files, every file is
+        # checked against the sha256 its blob is named by.
+        path = hub.resolve(spec).path
     tick = progress or (lambda n: None)
     try:
         files, index, index_path = _locate(path)

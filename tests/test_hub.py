@@ -460,3 +460,24 @@ def test_online_errors_through_the_real_snapshot_download(cache, monkeypatch, er
     with pytest.raises(ShadowgraftError) as exc:
         hub.resolve("org/x")
     assert str(exc.value) == want.format(cache=cache)
+
+
+def test_verify_takes_a_hub_id_and_checks_blobs(hub_trio, cache, capsys):
+    code, out, err = run_cli(["verify", IDS["instruct"], "--hash", "--quiet"], capsys)
+    assert (code, err) == (0, "")
+    snapshot = cache / "models--org--instruct" / "snapshots" / ("0" * 40)
+    names = sorted(p.name for p in snapshot.glob("*.safetensors"))
+    hashed = dict(line.split("  ")[::-1] for line in out.splitlines())
+    assert sorted(hashed) == names
+    for n in names:
+        # The blob a snapshot file links to is named by its sha256.
+        assert hashed[n] == (snapshot / n).resolve().name == hashlib.sha256((snapshot / n).read_bytes()).hexdigest()
+    # One flipped byte inside a blob: --hash names the file, exit 1, one line.
+    blob = (snapshot / names[0]).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x01
+    blob.write_bytes(bytes(data))
+    code, out, err = run_cli(["verify", IDS["instruct"], "--hash", "--quick", "--quiet"], capsys)
+    assert code == 1 and names[0] in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["verify", "org/not-there"], capsys)
+    assert code == 1 and "org/not-there" in err and len(err.strip().splitlines()) == 1

@@ -16,6 +16,9 @@ from ..cli import err, human, out, progress_bar, untrusted
 def command(folder: str, quick: bool, hash_files: bool, quiet: bool) -> None:
     """Check a checkpoint folder: headers, index, sizes, shadowgraft.json, and NaN/Inf in every float tensor.
 
+    A Hub id checks the snapshot apply would read (downloaded when missing);
+    with --hash, each file's sha256 is also compared with its cached blob name.
+
     Exits 0 when all is well, 1 with one line per problem otherwise.
     """
     from ..cli import print_error  # defined after the commands are registered
