@@ -184,7 +184,13 @@ class Engine:
                     b = r.work("b", m, wd)
                     b.copy_(self._dev(inp.get("d1", inp.get(f"d1.{j}"))))
                     d.sub_(b)
-                acc.add_(d, alpha=alpha)
+                if alpha != 1.0:
+                    # Two IEEE operations, each rounded once, on every device:
+                    # add_(d, alpha=) may or may not be one fused multiply-add
+                    # depending on the kernel (CPU vector loop, its scalar
+                    # tail, CUDA), and CPU and CUDA must give the same bits.
+                    d.mul_(alpha)
+                acc.add_(d)
             if it.lora is not None:
                 acc.add_(self._lora_rows(it, op.start, m, wd), alpha=alpha)
             if self.cuda:
