@@ -167,6 +167,17 @@ def test_packing_keeps_examples_whole_and_unlinked():
     assert [r.input_ids for r in rows] == [(1, 2, 3, 4, 5), (6, 7, 8, 9, 10)]
     # The first token of each later example is never a target (it would be "predicted" from the previous one).
     assert [r.labels for r in rows] == [(IGNORE, 2, 3, IGNORE, 5), (IGNORE, IGNORE, 8, 9, IGNORE)]
+    # Positions restart with every example: transformers masks attention between them.
+    assert [r.position_ids for r in rows] == [(0, 1, 2, 0, 1), (0, 1, 2, 3, 0)]
+
+
+def test_collate_of_packed_rows_gives_positions_not_a_mask():
+    b = collate([Example((5, 6, 7, 8), (IGNORE, 6, IGNORE, 8), (0, 1, 0, 1)), Example((9,), (9,), (0,))], pad_id=0)
+    assert set(b) == {"input_ids", "position_ids", "labels"}
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8], [9, 0, 0, 0]]
+    # Padding is a segment of its own, after every real token.
+    assert b["position_ids"].tolist() == [[0, 1, 0, 1], [0, 0, 1, 2]]
+    assert b["labels"].tolist() == [[IGNORE, 6, IGNORE, 8], [9, IGNORE, IGNORE, IGNORE]]
 
 
 def test_collate_pads_right_and_masks():

@@ -47,6 +47,10 @@ class Example:
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    # Set by ``pack``: positions restart at 0 where each packed example starts,
+    # which is how transformers tells packed examples apart (no attention
+    # across them). None: one example, positions 0..n-1.
+    position_ids: tuple[int, ...] | None = None
 
     @property
     def n_targets(self) -> int:
@@ -259,34 +263,49 @@ def _encode_chat(r: Record, tokenizer, template: str, where: str) -> tuple[list[
 def pack(examples: list[Example], *, max_length: int) -> list[Example]:
     """Concatenate whole examples, in order, into rows of at most ``max_length`` tokens.
 
-    The first token of each packed example gets no label, so no example is
-    trained to follow another. Tokens still attend across example borders.
+    Each example's positions restart at 0, so the model attends within an
+    example only (transformers builds a block-diagonal causal mask from such
+    position ids), and the first token of each packed example gets no label,
+    so no example is trained to follow another.
     """
     rows: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
+    pos: list[int] = []
     for ex in examples:
         if ids and len(ids) + len(ex.input_ids) > max_length:
-            rows.append(Example(tuple(ids), tuple(labels)))
-            ids, labels = [], []
+            rows.append(Example(tuple(ids), tuple(labels), tuple(pos)))
+            ids, labels, pos = [], [], []
         ids += ex.input_ids
         labels += [IGNORE, *ex.labels[1:]] if labels else ex.labels
+        pos += range(len(ex.input_ids))
     if ids:
-        rows.append(Example(tuple(ids), tuple(labels)))
+        rows.append(Example(tuple(ids), tuple(labels), tuple(pos)))
     return rows
 
 
 def collate(examples: list[Example], *, pad_id: int):
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors for one micro-batch."""
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors for one micro-batch.
+
+    Packed rows get ``position_ids`` instead of an ``attention_mask``: the
+    padding is a segment of its own (positions from 0 again), and as it comes
+    after every real token, causal attention never reaches it.
+    """
     import torch
 
     n = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), n), dtype=torch.long)
+    packed = any(e.position_ids is not None for e in examples)
+    pos = torch.zeros((len(examples), n), dtype=torch.long)
     for i, e in enumerate(examples):
         k = len(e.input_ids)
         ids[i, :k] = torch.tensor(e.input_ids)
         labels[i, :k] = torch.tensor(e.labels)
         mask[i, :k] = 1
+        pos[i, :k] = torch.tensor(e.position_ids) if e.position_ids is not None else torch.arange(k)
+        pos[i, k:] = torch.arange(n - k)
+    if packed:
+        return {"input_ids": ids, "position_ids": pos, "labels": labels}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

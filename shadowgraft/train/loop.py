@@ -24,7 +24,7 @@ from . import dist as D
 from . import state as S
 from .config import TrainConfig
 from .data import IGNORE, Example, collate, encode, pack, read_records, sha256_file
-from .model import load_model, load_tokenizer, require_extra, save_adapter, save_full, write_json
+from .model import load_model, load_tokenizer, require_extra, require_packed_masks, save_adapter, save_full, write_json
 from .progress import TrainProgress
 
 LOG_NAME = "train_log.jsonl"
@@ -114,6 +114,7 @@ def _dataset(cfg: TrainConfig, tokenizer, template) -> tuple[list[Example], int]
         raise ShadowgraftError(f"{cfg.data}: no record has an assistant token within --max-length {cfg.max_length}; "
                                "raise --max-length")
     if cfg.packing:
+        require_packed_masks()
         examples = pack(examples, max_length=cfg.max_length)
     return examples, dropped
 
@@ -173,8 +174,8 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
                 batch = {k: v.to(d.device) for k, v in collate(mb, pad_id=pad_id).items()}
                 with D.sync_grads(model, m == len(micro) - 1):
                     with d.autocast():
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       use_cache=False).logits
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                       position_ids=batch.get("position_ids"), use_cache=False).logits
                     summed = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                              ignore_index=IGNORE, reduction="sum")
                     # DDP and FSDP average gradients over ranks; scaling by the

@@ -30,6 +30,19 @@ def require_extra(*, lora: bool) -> None:
         raise ShadowgraftError(f"training needs the train extra (missing: {', '.join(missing)}); run: {EXTRA}")
 
 
+def require_packed_masks() -> None:
+    """Fail when this transformers cannot keep packed examples apart (it would let them attend to each other)."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        masking_utils = None
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        import transformers
+
+        raise ShadowgraftError(f"--packing needs a transformers that masks packed examples apart (>= 4.53; this is "
+                               f"{transformers.__version__}); run: pip install -U transformers, or train without --packing")
+
+
 def _source(spec: str) -> tuple[str, str | None]:
     """A local path as is, or a Hub id split into (repo_id, revision)."""
     if Path(spec).expanduser().exists():
