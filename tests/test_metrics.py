@@ -124,11 +124,12 @@ def test_compiled_kernel_equals_plain_python_bit_for_bit(dtype):
     t = (a.double() + 0.5 * (b.double() - a.double())).to(dtype)
     step, steps = 8_192, -(-70_001 // 8_192)
     out = []
-    for run in (metrics.kernel(), metrics._kernel):
+    # TorchScript profiles the first calls and runs an optimized graph after: compare them all.
+    for run in (metrics.kernel(),) * 3 + (metrics._kernel,):
         parts = torch.zeros((steps, metrics.COLS), dtype=torch.float64)
         run(a, b, t, torch.empty(5 * step), parts, step)
         out.append(parts)
-    assert torch.equal(out[0], out[1])
+    assert all(torch.equal(x, out[-1]) for x in out)
     assert out[0][:, metrics.N_DIFF].sum() > 0 and out[0][:, metrics.SQ_T].sum() > 0
 
 
