@@ -36,5 +36,13 @@ bench-mergekit: install
 	TORCH="$(TORCH)" bash benchmarks/mergekit_venv.sh bench-out/mergekit-venv
 	$(PY) benchmarks/bench_apply.py --scaling 1,2,4
 
+# On a machine with an NVIDIA GPU and a CUDA build of torch: the CUDA tests
+# (bit-identity with the CPU path) and the cpu/cuda/floor scaling benchmark.
+.PHONY: gpu-check
+gpu-check: install
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
+	$(PY) -m pytest -q -m cuda
+	$(PY) benchmarks/bench_apply.py --size 1GB --scaling 1,2,4 --tools cpu,cuda,floor --markdown bench-out/cuda.md
+
 clean:
 	rm -rf $(VENV) demo-out bench-out *.egg-info
