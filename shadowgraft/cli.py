@@ -140,9 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         print_error(e.format_message().rstrip(".") + (f"; see '{ctx.command_path} --help'" if ctx is not None else ""))
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        err.print("interrupted; unfinished output was removed")
-        sys.exit(128 + _state.get("signal", signal.SIGINT))  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        _interrupted()
     except (ShadowgraftError, OSError) as e:
+        if "signal" in _state and isinstance(e, OSError):
+            # The unwinding after SIGHUP/SIGTERM tried to draw on a terminal
+            # that is gone (EIO); cleanup already ran, the exit says why.
+            _interrupted()
         if _state["debug"]:
             raise
         print_error(_one_line(e))
@@ -152,6 +155,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print_error(f"{_one_line(e)} ({type(e).__name__}; this is a bug: rerun with --debug and report it)")
         sys.exit(1)
+
+
+def _interrupted() -> None:
+    try:
+        err.print("interrupted; unfinished output was removed")
+    except OSError:
+        pass  # no terminal left to tell (SIGHUP)
+    sys.exit(128 + _state.get("signal", signal.SIGINT))  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
 
 
 def print_error(text: str) -> None:

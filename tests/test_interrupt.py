@@ -392,6 +392,44 @@ def test_sighup_is_left_ignored_under_nohup(inputs, tmp_path):
     assert_complete(out, ref)
 
 
+HUNG_UP_CHILD = r"""
+import os, sys, time
+real_write = os.write
+def slow_write(fd, data):
+    if fd > 2:  # the output files, not the terminal
+        if not getattr(slow_write, "said", False):
+            slow_write.said = True
+            real_write(1, b"writing\n")
+        time.sleep(0.2)
+    return real_write(fd, data)
+os.write = slow_write
+from shadowgraft.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_sighup_after_the_terminal_closed_cleans_up_and_exits_129(inputs, tmp_path):
+    """A closed ssh session: the terminal is gone (writes to it fail with EIO) when SIGHUP arrives."""
+    import pty
+
+    trio, _ = inputs
+    out = tmp_path / "out"
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-c", HUNG_UP_CHILD, *apply_argv(trio, out)[:-1]],  # no --quiet: a live progress bar
+                         stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    seen = b""
+    try:
+        while b"writing" not in seen:
+            seen += os.read(master, 4096)
+    finally:
+        os.close(master)  # the terminal goes away
+    time.sleep(0.1)
+    p.send_signal(signal.SIGHUP)
+    assert p.wait(timeout=60) == 129
+    assert debris(tmp_path) == [] and not out.exists()
+
+
 def test_signals_are_held_during_commit_and_delivered_after():
     before = signal.getsignal(signal.SIGINT)
     order = []
