@@ -272,3 +272,32 @@ def test_packing_trains(pair, tmp_path):
     train(config=cfg(pair, out, lr=1e-2, max_steps=20, packing=True, max_length=64, batch_size=2))
     rows = log(out)
     assert rows[-1]["loss"] < 0.4 * rows[0]["loss"]
+
+
+def test_packing_probe_tells_isolating_models_from_alibi_ones(tmp_path):
+    from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
+
+    from shadowgraft.train.model import packing_isolated
+
+    from .tiny_lm import tiny_llama
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama(tmp_path / "m", vocab=64), dtype=torch.float32)
+    tokens = list(range(5, 21))
+    llama.train()
+    assert packing_isolated(llama, tokens) and llama.training  # the model's mode is restored
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4))  # ALiBi: no positions
+    assert not packing_isolated(bloom, tokens)
+
+
+def test_a_refused_run_leaves_the_previous_one(pair, tmp_path, monkeypatch):
+    """--overwrite empties the output only once data and model are loaded and accepted."""
+    from shadowgraft.train import loop
+
+    out = tmp_path / "run"
+    train(config=cfg(pair, out, lr=1e-2, max_steps=2))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    monkeypatch.setattr(loop, "packing_isolated", lambda model, tokens: False)
+    with pytest.raises(ShadowgraftError, match="--packing would let packed examples attend to each other"):
+        train(config=cfg(pair, out, lr=1e-2, max_steps=2, packing=True, overwrite=True))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -24,7 +24,8 @@ from . import dist as D
 from . import state as S
 from .config import TrainConfig
 from .data import IGNORE, Example, collate, encode, pack, read_records, sha256_file
-from .model import load_model, load_tokenizer, require_extra, require_packed_masks, save_adapter, save_full, write_json
+from .model import (load_model, load_tokenizer, packing_isolated, require_extra, require_packed_masks, save_adapter,
+                    save_full, write_json)
 from .progress import TrainProgress
 
 LOG_NAME = "train_log.jsonl"
@@ -71,6 +72,8 @@ def train(*, config: TrainConfig, console: Console | None = None) -> TrainResult
     """
     config.check()
     require_extra(lora=config.is_lora)
+    if config.packing:
+        require_packed_masks()
     d = D.setup(config.device)
     try:
         return _run(config, d, console if d.main and not config.quiet else None)
@@ -78,8 +81,8 @@ def train(*, config: TrainConfig, console: Console | None = None) -> TrainResult
         D.teardown(d)
 
 
-def _prepare_output(cfg: TrainConfig, d: D.Dist) -> Path | None:
-    """Check the output folder; returns the checkpoint to resume from (None for a fresh run)."""
+def _check_output(cfg: TrainConfig) -> Path | None:
+    """Check the output folder, changing nothing; returns the checkpoint to resume from (None for a fresh run)."""
     out = Path(cfg.output)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output's parent folder does not exist; create it first")
@@ -97,13 +100,19 @@ def _prepare_output(cfg: TrainConfig, d: D.Dist) -> Path | None:
     elif busy and not (out / ARGS_NAME).is_file():
         raise ShadowgraftError(f"{out}: is not a training run folder (no {ARGS_NAME}), so --overwrite will not delete it; "
                                "choose another --output")
+    return ckpt
+
+
+def _claim_output(cfg: TrainConfig, d: D.Dist) -> None:
+    """Empty (``--overwrite``) and create the output folder: only once data and model have loaded, so a
+    refused run never costs the previous one."""
+    out = Path(cfg.output)
     d.barrier()  # every rank has looked before rank 0 changes anything
     if d.main:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(exist_ok=True)
     d.barrier()
-    return ckpt
 
 
 def _dataset(cfg: TrainConfig, tokenizer, template) -> tuple[list[Example], int]:
@@ -114,14 +123,13 @@ def _dataset(cfg: TrainConfig, tokenizer, template) -> tuple[list[Example], int]
         raise ShadowgraftError(f"{cfg.data}: no record has an assistant token within --max-length {cfg.max_length}; "
                                "raise --max-length")
     if cfg.packing:
-        require_packed_masks()
         examples = pack(examples, max_length=cfg.max_length)
     return examples, dropped
 
 
 def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
     t0 = time.perf_counter()
-    ckpt = _prepare_output(cfg, d)
+    ckpt = _check_output(cfg)
     out = Path(cfg.output)
     torch.manual_seed(cfg.seed)
     tokenizer, template = load_tokenizer(cfg.model, cfg.chat_template_from)
@@ -132,6 +140,10 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
     model, stored = load_model(cfg, bf16=d.bf16, quiet=cfg.quiet or not d.main)
+    if cfg.packing and not packing_isolated(model, list(examples[0].input_ids)):
+        raise ShadowgraftError(f"{cfg.model}: --packing would let packed examples attend to each other (this model's "
+                               "attention ignores position ids, e.g. ALiBi models); train without --packing")
+    _claim_output(cfg, d)
     meta = S.read(ckpt) if ckpt is not None else None
     if ckpt is not None:
         S.load_weights(ckpt, model)

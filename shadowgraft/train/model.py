@@ -39,8 +39,37 @@ def require_packed_masks() -> None:
     if not hasattr(masking_utils, "find_packed_sequence_indices"):
         import transformers
 
-        raise ShadowgraftError(f"--packing needs a transformers that masks packed examples apart (>= 4.53; this is "
+        raise ShadowgraftError(f"--packing needs a transformers that masks packed examples apart (4.54 or newer; this is "
                                f"{transformers.__version__}); run: pip install -U transformers, or train without --packing")
+
+
+def packing_isolated(model, tokens: list[int]) -> bool:
+    """Whether ``model`` keeps packed examples apart when given restarting position ids and no mask.
+
+    transformers builds a block-diagonal mask from such position ids for most
+    architectures, but not for all (ALiBi models such as Bloom and MPT, custom
+    code). The probe packs two 4-token pieces of ``tokens`` and compares the
+    second one's logits with its logits alone; the same run without position
+    ids measures how far attending across moves them, so the verdict does not
+    hang on the model's dtype.
+    """
+    import torch
+
+    if len(tokens) < 8:
+        tokens = (list(tokens) * 8)[:8]
+    ids = torch.tensor([tokens[:8]], device=next(model.parameters()).device)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]], device=ids.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, 4:].float()
+            crossed = model(input_ids=ids, use_cache=False).logits[0, 4:].float()
+            alone = model(input_ids=ids[:, 4:], use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    leak = float((crossed - alone).abs().max())
+    return float((packed - alone).abs().max()) <= 0.25 * leak
 
 
 def _source(spec: str) -> tuple[str, str | None]:
