@@ -26,9 +26,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+(?:@[\w./-]+)?$")
 
 
+# A missing path with one of these endings is a mistyped file, not a Hub repo.
+_FILE_ENDINGS = (".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def is_repo_spec(spec: str | os.PathLike) -> bool:
     """Whether ``spec`` (that is not an existing path) reads as a Hub id, ``org/name[@revision]``."""
-    return isinstance(spec, str) and bool(REPO_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+    return (isinstance(spec, str) and bool(REPO_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+            and not spec.partition("@")[0].endswith(_FILE_ENDINGS))
 
 
 @dataclass

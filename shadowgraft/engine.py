@@ -192,7 +192,10 @@ class Engine:
                     d.mul_(alpha)
                 acc.add_(d)
             if it.lora is not None:
-                acc.add_(self._lora_rows(it, op.start, m, wd), alpha=alpha)
+                rows = self._lora_rows(it, op.start, m, wd)
+                if alpha != 1.0:
+                    rows.mul_(alpha)  # two roundings, as for deltas above
+                acc.add_(rows)
             if self.cuda:
                 # Counted on the device; reading it back each chunk would stall the stream.
                 self._bad_dev = self._bad_dev + (~torch.isfinite(acc)).sum()

@@ -93,3 +93,11 @@ def test_sample_hash_tells_apart_checkpoints_with_one_architecture(tmp_path):
     assert base.sample_hash() == Checkpoint.open(trio["base"]).sample_hash()
     d = base.describe()
     assert d["path"] == str(trio["base"].absolute()) and d["sample_sha256"] == base.sample_hash()
+
+
+def test_a_missing_file_name_is_not_taken_for_a_hub_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("model.safetensors", "org/model.safetensors", "model.safetensors.index.json", "adapter.bin"):
+        with pytest.raises(FileNotFoundError, match="no such file or folder"):
+            Checkpoint.open(name)
