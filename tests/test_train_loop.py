@@ -220,8 +220,9 @@ def test_torchrun_two_ranks_match_one_process(pair, tmp_path, lora):
             str(pair["instruct"]), "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2", "--max-steps", "4",
             "--no-gradient-checkpointing", "--device", "cpu", "-q"] + (["--lora-rank", str(lora)] if lora else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "shadowgraft.train",
-                        *args], capture_output=True, text=True, timeout=300, env=env)
+    # --standalone: a free port each time (the fixed default, 29500, can still be held by the previous run).
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "shadowgraft.train", *args], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = log(one), log(two)
     assert [x["step"] for x in b] == [1, 2, 3, 4]
