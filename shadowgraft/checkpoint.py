@@ -27,7 +27,7 @@ REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+(?:@[\w./-]+)?$")
 
 
 # A missing path with one of these endings is a mistyped file, not a Hub repo.
-_FILE_ENDINGS = (".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_FILE_ENDINGS = (".safetensors", ".json", *PICKLE_SUFFIXES)
 
 
 def is_repo_spec(spec: str | os.PathLike) -> bool:

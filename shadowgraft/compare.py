@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 from .checkpoint import Checkpoint
 from .errors import ShadowgraftError
 from .header import DTYPE_BITS, TensorInfo
-from .metrics import DeltaSums, Sums, kernel, range_sums
+from .metrics import DeltaSums, Sums, kernel, range_sums, scratch_elements
 from .naming import block_index, family, module_kind
 from .plan import select
 from .report import Group, Mismatch, Report, Summary, TensorRow
@@ -220,7 +220,7 @@ def _measure(pairs: list[_Pair], reader: Reader, progress: Callable[[int], None]
         a = reader.load(f"a{r}", p.a, s, n)
         b = reader.load(f"b{r}", p.b, s, n)
         t = reader.load(f"t{r}", p.tuned, s, n) if p.tuned is not None else None
-        w = reader.work(f"w{r}", 5 * min(reader.chunk, n), torch.float32)
+        w = reader.work(f"w{r}", scratch_elements(n, reader.chunk), torch.float32)
         return range_sums(a, b, tuned=t, work=w, step=reader.chunk)
 
     def advise(k: int, s: int) -> None:

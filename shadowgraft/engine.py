@@ -184,18 +184,9 @@ class Engine:
                     b = r.work("b", m, wd)
                     b.copy_(self._dev(inp.get("d1", inp.get(f"d1.{j}"))))
                     d.sub_(b)
-                if alpha != 1.0:
-                    # Two IEEE operations, each rounded once, on every device:
-                    # add_(d, alpha=) may or may not be one fused multiply-add
-                    # depending on the kernel (CPU vector loop, its scalar
-                    # tail, CUDA), and CPU and CUDA must give the same bits.
-                    d.mul_(alpha)
-                acc.add_(d)
+                _add_scaled(acc, d, alpha)
             if it.lora is not None:
-                rows = self._lora_rows(it, op.start, m, wd)
-                if alpha != 1.0:
-                    rows.mul_(alpha)  # two roundings, as for deltas above
-                acc.add_(rows)
+                _add_scaled(acc, self._lora_rows(it, op.start, m, wd), alpha)
             if self.cuda:
                 # Counted on the device; reading it back each chunk would stall the stream.
                 self._bad_dev = self._bad_dev + (~torch.isfinite(acc)).sum()
@@ -374,6 +365,18 @@ class Engine:
 
 
 _DONE = object()
+
+
+def _add_scaled(acc: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """``acc += alpha * x`` (``x`` is scratch and gets scaled in place).
+
+    Two IEEE operations, each rounded once, on every device: add_(x, alpha=)
+    may or may not be one fused multiply-add depending on the kernel (CPU
+    vector loop, its scalar tail, CUDA), and CPU and CUDA must give the same bits.
+    """
+    if alpha != 1.0:
+        x.mul_(alpha)
+    acc.add_(x)
 
 
 def _write_all(fd: int, buf) -> None:

@@ -191,6 +191,11 @@ def _kernel(a: torch.Tensor, b: torch.Tensor, t: Optional[torch.Tensor], w: torc
         i += 1
 
 
+def scratch_elements(n: int, step: int) -> int:
+    """fp32 elements of the kernel's scratch for ``n`` elements in steps of ``step``: five rows of one step."""
+    return max(1, 5 * min(step, n))
+
+
 _compiled = None
 
 
@@ -221,7 +226,7 @@ def range_sums(a: torch.Tensor, b: torch.Tensor, *, tuned: torch.Tensor | None =
     """Sums over two 1-D tensors of equal length (any float dtype), computed in fp32 steps.
 
     ``tuned`` (same length) adds the ``DeltaSums`` of T - A against B - A.
-    ``work`` is reused fp32 scratch of at least ``5 * min(step, len)`` elements.
+    ``work`` is reused fp32 scratch of at least ``scratch_elements(len, step)`` elements.
 
     >>> range_sums(torch.tensor([1., -2., 3.]), torch.tensor([1., 2., 0.]))[0].abs_d
     7.0
@@ -230,7 +235,7 @@ def range_sums(a: torch.Tensor, b: torch.Tensor, *, tuned: torch.Tensor | None =
     steps = -(-n // step) or 1
     parts = torch.zeros((steps, COLS), dtype=torch.float64)
     if work is None:
-        work = torch.empty(max(1, 5 * min(step, n)), dtype=torch.float32)
+        work = torch.empty(scratch_elements(n, step), dtype=torch.float32)
     kernel()(a, b, tuned, work, parts, step)
     tot = parts.sum(0).tolist()
     max_abs = float(parts[:, MAX_ABS].max())

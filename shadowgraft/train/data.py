@@ -296,16 +296,17 @@ def collate(examples: list[Example], *, pad_id: int):
     n = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
     packed = any(e.position_ids is not None for e in examples)
-    pos = torch.zeros((len(examples), n), dtype=torch.long)
+    # Packed: position ids, padding a segment of its own; otherwise the mask of real tokens.
+    key = "position_ids" if packed else "attention_mask"
+    extra = torch.zeros((len(examples), n), dtype=torch.long)
     for i, e in enumerate(examples):
         k = len(e.input_ids)
         ids[i, :k] = torch.tensor(e.input_ids)
         labels[i, :k] = torch.tensor(e.labels)
-        mask[i, :k] = 1
-        pos[i, :k] = torch.tensor(e.position_ids) if e.position_ids is not None else torch.arange(k)
-        pos[i, k:] = torch.arange(n - k)
-    if packed:
-        return {"input_ids": ids, "position_ids": pos, "labels": labels}
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            extra[i, :k] = torch.tensor(e.position_ids) if e.position_ids is not None else torch.arange(k)
+            extra[i, k:] = torch.arange(n - k)
+        else:
+            extra[i, :k] = 1
+    return {"input_ids": ids, key: extra, "labels": labels}
