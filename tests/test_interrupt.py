@@ -175,6 +175,15 @@ def wait_for_temp(parent: Path, pid: int, timeout: float = 60) -> None:
     raise TimeoutError("the child never created its temporary folder")
 
 
+def signal_midway(forker, argv: list[str], parent: Path, sig: int, delay: float) -> int:
+    """Start a slowed ``main(argv)`` child, send ``sig`` ``delay`` s after its temp folder appears; its exit code."""
+    pid = forker.start(argv, parent / "stderr", slow=SLOW)
+    wait_for_temp(parent, pid)
+    time.sleep(delay)
+    os.kill(pid, sig)
+    return forker.wait(pid)
+
+
 def lines(path: Path) -> list[str]:
     return [ln for ln in path.read_text().splitlines() if ln.strip()]
 
@@ -190,11 +199,7 @@ def test_sigint_sigterm_sighup_at_random_moments_remove_everything(forker, input
         parent = tmp_path / f"t{k}"
         parent.mkdir()
         out = parent / "out"
-        pid = forker.start(apply_argv(trio, out), parent / "stderr", slow=SLOW)
-        wait_for_temp(parent, pid)
-        time.sleep(delays[k])
-        os.kill(pid, sig)
-        got = forker.wait(pid)
+        got = signal_midway(forker, apply_argv(trio, out), parent, sig, delays[k])
         where = f"seed {seed}, trial {k}, {sig.name}"
         assert got in (0, code), where
         if got == code:
@@ -218,11 +223,7 @@ def test_sigkill_at_random_moments_leaves_no_partial_model(forker, inputs, tmp_p
         parent = tmp_path / f"t{k}"
         parent.mkdir()
         out = parent / "out"
-        pid = forker.start(apply_argv(trio, out), parent / "stderr", slow=SLOW)
-        wait_for_temp(parent, pid)
-        time.sleep(delays[k])
-        os.kill(pid, signal.SIGKILL)
-        got = forker.wait(pid)
+        got = signal_midway(forker, apply_argv(trio, out), parent, signal.SIGKILL, delays[k])
         where = f"seed {seed}, trial {k}"
         assert got in (0, -signal.SIGKILL), where
         killed += got != 0
@@ -249,11 +250,7 @@ def test_overwrite_killed_midway_keeps_a_complete_model(forker, inputs, tmp_path
         parent.mkdir()
         out = parent / "out"
         subprocess.run(["cp", "-r", str(old), str(out)], check=True)
-        pid = forker.start(apply_argv(trio, out, "--overwrite"), parent / "stderr", slow=SLOW)
-        wait_for_temp(parent, pid)
-        time.sleep(delays[k])
-        os.kill(pid, signal.SIGKILL)
-        forker.wait(pid)
+        signal_midway(forker, apply_argv(trio, out, "--overwrite"), parent, signal.SIGKILL, delays[k])
         assert weights(out) in (weights(old), weights(ref)), f"seed {seed}, trial {k}"
 
 
