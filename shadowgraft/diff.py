@@ -163,8 +163,8 @@ def delta_dtype(base_dtype: str, tuned_dtype: str) -> str:
 
 def plan_delta(b: Checkpoint, t: Checkpoint, chosen: list[str], *, dtype: str | None = None,
                max_shard_size: int | None = None, scope: str = "linear", warnings: Sequence[str] = ()) -> Plan:
-    """One ``delta`` item per chosen tensor: the engine writes ``tuned - base`` (src = tuned, deltas = (base,))."""
-    items = [Item(n, "delta", dtype or delta_dtype(b[n].dtype, t[n].dtype), t[n], (b[n],)) for n in chosen]
+    """One ``delta`` item per chosen tensor: the engine writes ``tuned - base`` (src = tuned)."""
+    items = [Item(n, "delta", dtype or delta_dtype(b[n].dtype, t[n].dtype), t[n], base=b[n]) for n in chosen]
     return Plan(tuple(plan_shards(t, items, max_shard_size)), 1.0, scope, tuple(warnings))
 
 
@@ -180,7 +180,7 @@ def _write_delta(b, t, chosen, outdir: OutputDir, *, dtype, max_shard_size, devi
     t0 = time.perf_counter()
     with outdir as tmp:
         for shard in plan.shards:
-            engine.write_shard(shard, tmp / shard.file, 1.0)
+            engine.write_shard(shard, tmp / shard.file)
         write_index(tmp, plan.shards)
         check_written(tmp, plan, what="delta")
         if strict and engine.stats.nonfinite:

@@ -30,6 +30,7 @@ from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
 from .errors import ShadowgraftError
 from .header import DTYPE_BITS, TensorInfo
+from .mix import combine, dare_keep, kth_largest
 from .plan import Item, LoraTerm, Shard
 from .stream import CHUNK, Reader
 from .writer import shard_header
@@ -41,7 +42,7 @@ DEPTH = 3
 
 @dataclass
 class Stats:
-    """What a run did, for the summary table and ``shadowgraft.json``."""
+    """What a run did for one output, for the summary table and its ``shadowgraft.json``."""
 
     seconds: float = 0.0
     bytes_read: int = 0
@@ -49,6 +50,8 @@ class Stats:
     grafted: int = 0
     copied: int = 0
     cast: int = 0
+    # NaN and Inf in the written values, per tensor: bad inputs, and overflow
+    # when rounding to a narrower dtype (fp16's 65504) alike.
     nonfinite: dict[str, int] = field(default_factory=dict)
 
 
@@ -63,27 +66,36 @@ class _Op:
     start: int = 0  # chunk: first element
     n: int = 0  # chunk: element count
     last: bool = False  # chunk: last chunk of its tensor
-    inputs: dict[str, torch.Tensor] | None = None
+    inputs: dict[tuple, torch.Tensor] | None = None  # keyed by where the input lives (file, offset)
     outs: list[torch.Tensor] = field(default_factory=list)
     slot: int = 0
     event: object = None
+
+
+def _key(info: TensorInfo) -> tuple:
+    return (info.file, info.start)
 
 
 def wants_float64(it: Item) -> bool:
     """fp32 has twice the mantissa of a 16-bit input, so one final rounding is (almost
     always) the correctly rounded result; fp32 inputs need fp64 for the same guarantee."""
     wide = {"F32", "F64"}
-    if it.action == "graft" and len(it.deltas) == 1:
+    if it.action == "graft" and it.terms and it.base is None:
         # A stored delta (``diff``) already holds the working precision of the
         # graft it came from, F32 for 16-bit models and F64 for F32 ones, so
         # only F64 says the model was F32; this keeps diff + apply --delta
         # byte-identical to apply --base --tuned.
-        return bool({it.src.dtype, it.dtype} & wide) or it.deltas[0].dtype == "F64"
-    return bool({it.src.dtype, it.dtype, *(d.dtype for d in it.deltas)} & wide)
+        return bool({it.src.dtype, it.dtype} & wide) or any(t.dtype == "F64" for t in it.terms)
+    return bool({i.dtype for i in it.inputs} & wide or it.dtype in wide)
 
 
 class Engine:
-    """Runs shards of a plan against open checkpoints. One instance per run."""
+    """Runs shards of a plan against open checkpoints. One instance per run.
+
+    ``stats`` counts what the run read; each output's own counters (tensors
+    written, NaN/Inf) go to the ``Stats`` given with its shard, so one
+    output's bad values are never recorded in another's.
+    """
 
     def __init__(self, checkpoints: list[Checkpoint], *, device: str = "cpu", chunk: int = CHUNK,
                  progress: Callable[[int], None] | None = None):
@@ -93,9 +105,10 @@ class Engine:
         self.chunk = chunk
         self.progress = progress or (lambda n: None)
         self.stats = Stats()
+        self._outs: list[Stats] = [self.stats]
         self._lora_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # ((term, dtype), left, right)
-        self._bad = 0
-        self._bad_dev = 0
+        self._thresholds: dict[tuple, float] = {}  # TIES: (item inputs, term) -> k-th largest |d| of the tensor
+        self._bad: list = []
         if self.cuda:
             self._stream = torch.cuda.Stream(self.device)
 
@@ -113,7 +126,8 @@ class Engine:
                 while (j < len(items) and items[j].action == "copy" and items[j].src.file == it.src.file
                        and items[j].src.start == items[j - 1].src.end):
                     j += 1
-                self.stats.copied += j - k
+                for st in self._outs:
+                    st.copied += j - k
                 yield _Op("copy", first=it.src, nbytes=items[j - 1].src.end - it.src.start)
                 k = j
                 continue
@@ -135,37 +149,36 @@ class Engine:
     # -- the three stages -----------------------------------------------------
 
     def _read(self, op: _Op) -> None:
-        """Fill the op's slot with its inputs; an input shared by every output (instruct, base) is read once."""
+        """Fill the op's slot with its inputs; a tensor several outputs use (instruct, base, a grid's tuned) is read once."""
         r, slot = self.reader, op.slot
         op.inputs = {}
-        for j, it in enumerate(op.items):
-            for role, info in (("src", it.src), *((f"d{i}", d) for i, d in enumerate(it.deltas))):
-                shared = role == "src" or (role == "d1" and all(o.deltas[1] == info for o in op.items))
-                key = role if shared else f"{role}.{j}"
+        for it in op.items:
+            for info in it.inputs:
+                key = _key(info)
                 if key not in op.inputs:
-                    op.inputs[key] = r.load(f"{key}@{slot}", info, op.start, op.n)
+                    op.inputs[key] = r.load(f"in{len(op.inputs)}@{slot}", info, op.start, op.n)
         self.stats.bytes_read += sum(x.numel() * x.element_size() for x in op.inputs.values())
 
-    def _compute(self, op: _Op, alpha: float) -> None:
-        op.outs = [self._compute_one(op, j, it, alpha) for j, it in enumerate(op.items)]
+    def _compute(self, op: _Op) -> None:
+        changes: dict[tuple, torch.Tensor] = {}  # outputs with the same change compute it once
+        op.outs = [self._compute_one(op, j, it, changes) for j, it in enumerate(op.items)]
         if op.last:
-            it = op.items[0]
-            if self.cuda:
-                self._bad += int(self._bad_dev)
-                self._bad_dev = 0
-            if self._bad:
-                self.stats.nonfinite[it.name] = self._bad
-            self._bad = 0
-            if it.action == "cast":
-                self.stats.cast += 1
-            else:
-                self.stats.grafted += 1
+            for j, (it, st) in enumerate(zip(op.items, self._outs)):
+                bad = int(self._bad[j])
+                if bad:
+                    st.nonfinite[it.name] = bad
+                if it.action == "cast":
+                    st.cast += 1
+                else:
+                    st.grafted += 1
+            self._bad = [0] * len(op.items)
+            self._thresholds.clear()
 
-    def _compute_one(self, op: _Op, j: int, it: Item, alpha: float) -> torch.Tensor:
-        r, m, inp = self.reader, op.n, op.inputs
+    def _compute_one(self, op: _Op, j: int, it: Item, changes: dict) -> torch.Tensor:
+        r, m = self.reader, op.n
         out_dt, osz = torch_dtype(it.dtype), DTYPE_BITS[it.dtype] // 8
         host_out = r.raw(f"out.{j}@{op.slot}", m * osz).view(out_dt)
-        x = self._dev(inp["src"])
+        x = self._in(op, it.src)
         if it.action == "cast":
             res = x
         else:
@@ -173,37 +186,83 @@ class Engine:
             acc = r.work("acc", m, wd)
             acc.copy_(x)
             if it.action == "delta":
-                # diff: tuned (src) - base (deltas[0]) alone, the same subtraction a graft does.
+                # diff: tuned (src) - base alone, the same subtraction a graft does.
                 b = r.work("b", m, wd)
-                b.copy_(self._dev(inp[f"d0.{j}"]))
+                b.copy_(self._in(op, it.base))
                 acc.sub_(b)
-            elif it.deltas:
-                d = r.work("d", m, wd)
-                d.copy_(self._dev(inp[f"d0.{j}"]))
-                if len(it.deltas) == 2:
-                    b = r.work("b", m, wd)
-                    b.copy_(self._dev(inp.get("d1", inp.get(f"d1.{j}"))))
-                    d.sub_(b)
-                _add_scaled(acc, d, alpha)
+            elif it.terms:
+                _add_scaled(acc, self._change(op, it, wd, changes), it.alpha, r.work("scaled", m, wd))
             if it.lora is not None:
-                _add_scaled(acc, self._lora_rows(it, op.start, m, wd), alpha)
-            if self.cuda:
-                # Counted on the device; reading it back each chunk would stall the stream.
-                self._bad_dev = self._bad_dev + (~torch.isfinite(acc)).sum()
-            elif m and not math.isfinite(float(acc.sum())):
-                # One reduction is far cheaper than isfinite() on every chunk;
-                # only a non-finite sum triggers the exact count.
-                self._bad += int((~torch.isfinite(acc)).sum())
+                rows = self._lora_rows(it, op.start, m, wd)
+                _add_scaled(acc, rows, it.alpha, rows)
             res = acc
         if self.cuda:
-            dev_out = r.work("out", m, out_dt)
+            dev_out = r.work(f"out.{j}", m, out_dt)
             dev_out.copy_(res)
+            # Counted on the device; reading it back each chunk would stall the stream.
+            self._bad[j] = self._bad[j] + (~torch.isfinite(dev_out)).sum()
             host_out.copy_(dev_out, non_blocking=True)
             op.event = torch.cuda.Event()
             op.event.record()
         else:
             host_out.copy_(res)
+            # Counted on the rounded values, so overflow to Inf counts too. One
+            # reduction is far cheaper than isfinite() on every chunk; only a
+            # non-finite sum triggers the exact count.
+            if m and host_out.is_floating_point() and not math.isfinite(float(host_out.sum(dtype=torch.float64))):
+                self._bad[j] += int((~torch.isfinite(host_out)).sum())
         return host_out
+
+    def _in(self, op: _Op, info: TensorInfo) -> torch.Tensor:
+        return self._dev(op.inputs[_key(info)])
+
+    def _change(self, op: _Op, it: Item, wd: torch.dtype, changes: dict) -> torch.Tensor:
+        """The chunk of ``it``'s change: ``term - base``, a stored delta, or several combined by ``it.mix``."""
+        key = (it.terms, it.base, it.mix, wd)
+        if key in changes:
+            return changes[key]
+        r, m, g = self.reader, op.n, len(changes)
+        b = None
+        if it.base is not None:
+            b = r.work("b", m, wd)
+            b.copy_(self._in(op, it.base))
+        ds = []
+        for i, term in enumerate(it.terms):
+            d = r.work(f"d{i}.{g}", m, wd)
+            d.copy_(self._in(op, term))
+            if b is not None:
+                d.sub_(b)
+            if it.mix is not None and it.mix.dare is not None:
+                keep = dare_keep(it.mix.seed, f"{i}\x00{it.name}", op.start, m, it.mix.dare, self.device)
+                d.masked_fill_(~keep, 0).div_(it.mix.dare)
+            elif it.mix is not None and it.mix.trims:
+                d.masked_fill_(d.abs() < self._threshold(it, i, wd), 0)
+            ds.append(d)
+        if it.mix is None:
+            changes[key] = ds[0]
+        else:
+            out = r.work(f"d.{g}", m, wd)
+            changes[key] = combine(ds, it.mix, out, r.work("mix.s", m, wd), r.work("mix.v", m, wd), r.work("mix.w", m, wd))
+        return changes[key]
+
+    def _threshold(self, it: Item, i: int, wd: torch.dtype) -> float:
+        """TIES: the k-th largest ``|term_i - base|`` of the whole tensor, computed as the chunks compute it.
+
+        The one place a whole tensor is held: its ``|d|`` in the working dtype,
+        partitioned in place on the host.
+        """
+        key = (it.terms[i], it.base, wd)
+        if key not in self._thresholds:
+            r, term = self.reader, it.terms[i]
+            absd = torch.empty(term.numel, dtype=wd)
+            for s, c in r.spans(term):
+                seg = absd[s:s + c]
+                seg.copy_(r.load("ties.t", term, s, c))
+                if it.base is not None:
+                    seg.sub_(r.load("ties.b", it.base, s, c).to(wd))
+                seg.abs_()
+            self._thresholds[key] = kth_largest(absd.numpy(), it.mix.density)
+        return self._thresholds[key]
 
     def _dev(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
@@ -223,34 +282,39 @@ class Engine:
             for fd, out in zip(fds, op.outs):
                 _write_all(fd, out.view(torch.uint8).numpy())
             n = op.outs[0].numel() * op.outs[0].element_size()
-        self.stats.bytes_written += n * len(fds)
+        for st in self._outs:
+            st.bytes_written += n
         self.progress(n * len(fds))
 
     # -- driving --------------------------------------------------------------
 
-    def write_shard(self, shard: Shard, path: Path, alpha: float) -> None:
-        """Write one output file: header, then every tensor in ``shard`` order."""
-        self.write_shards([shard], [path], alpha)
+    def write_shard(self, shard: Shard, path: Path) -> None:
+        """Write one output file: header, then every tensor in ``shard`` order; counted in ``self.stats``."""
+        self.write_shards([shard], [path])
 
-    def write_shards(self, shards: list[Shard], paths: list[Path], alpha: float) -> None:
-        """Write the same shard of several outputs (one per tuned model) in one pass over the inputs.
+    def write_shards(self, shards: list[Shard], paths: list[Path], stats: list[Stats] | None = None) -> None:
+        """Write the same shard of several outputs (tuned checkpoints, alpha values) in one pass over the inputs.
 
-        The shards must list the same tensors in the same order; tensors they
-        share (instruct, base) are read once for all of them.
+        The shards must list the same tensors in the same order; a tensor
+        several of them read (instruct, base) is read once for all. Each
+        output's counters go to its own entry of ``stats`` (default: one
+        output, counted in ``self.stats``).
         """
         if any([i.name for i in s.items] != [i.name for i in shards[0].items] for s in shards):
             raise ValueError("write_shards needs shards with the same layout")
+        self._outs = list(stats) if stats is not None else [self.stats] + [Stats() for _ in shards[1:]]
+        self._bad = [0] * len(shards)
         fds: list[int] = []
         try:
             for shard, path in zip(shards, paths):
                 fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
                 _write_all(fds[-1], shard_header(shard))
-            self._pipeline(self._ops(shards), fds, alpha)
+            self._pipeline(self._ops(shards), fds)
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _pipeline(self, ops: Iterator[_Op], fds: list[int], alpha: float) -> None:
+    def _pipeline(self, ops: Iterator[_Op], fds: list[int]) -> None:
         free: queue.Queue[int] = queue.Queue()
         for s in range(DEPTH):
             free.put(s)
@@ -322,7 +386,7 @@ class Engine:
                     if op is None:
                         break
                     if op.kind == "chunk":
-                        self._compute(op, alpha)
+                        self._compute(op)
                     if not put(to_write, op):
                         break
             put(to_write, _DONE)
@@ -367,15 +431,15 @@ class Engine:
 _DONE = object()
 
 
-def _add_scaled(acc: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
-    """``acc += alpha * x`` (``x`` is scratch and gets scaled in place).
+def _add_scaled(acc: torch.Tensor, x: torch.Tensor, alpha: float, scratch: torch.Tensor) -> None:
+    """``acc += alpha * x``, ``scratch`` holding ``alpha * x`` (it may be ``x`` itself when ``x`` is scratch too).
 
     Two IEEE operations, each rounded once, on every device: add_(x, alpha=)
     may or may not be one fused multiply-add depending on the kernel (CPU
     vector loop, its scalar tail, CUDA), and CPU and CUDA must give the same bits.
     """
     if alpha != 1.0:
-        x.mul_(alpha)
+        x = torch.mul(x, alpha, out=scratch)
     acc.add_(x)
 
 

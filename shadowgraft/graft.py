@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import shlex
@@ -18,20 +19,48 @@ from .checkpoint import Checkpoint
 from .dtypes import parse_dtype
 from .engine import Engine, Stats
 from .errors import ShadowgraftError
+from .mix import METHODS, Mix
 from .plan import Plan, parse_size, plan_graft
 from .verify import check_output, record_outputs
 from .writer import OutputDir, check_written, copy_side_files, write_index
 
 
 @dataclass
+class OutputResult:
+    """One output folder of a run: where it is, the plan it followed, its alpha and its own counters."""
+
+    output: Path
+    plan: Plan
+    alpha: float
+    stats: Stats
+
+
+@dataclass
 class Result:
-    """What ``apply`` did: the plan it followed, run statistics, and where the output is."""
+    """What ``apply`` did: the plan it followed, run statistics, and where the output is.
+
+    With several outputs (an alpha grid, several tuned checkpoints)
+    ``results`` holds one ``OutputResult`` per output folder and ``plan``,
+    ``output`` and ``stats`` describe the first.
+    """
 
     plan: Plan | None
     output: Path | None
     stats: Stats = field(default_factory=Stats)
     url: str | None = None
-    outputs: list[Path] = field(default_factory=list)  # one per tuned checkpoint
+    outputs: list[Path] = field(default_factory=list)
+    results: list[OutputResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output: what to write (its plan), where (its folder), what it came from, and its own counters."""
+
+    plan: Plan
+    out: OutputDir
+    inputs: dict  # provenance: role -> Checkpoint or Adapter
+    label: str  # how messages name this output
+    stats: Stats = field(default_factory=Stats)
 
 
 def apply(
@@ -39,10 +68,16 @@ def apply(
     instruct: str | os.PathLike,
     output: str | os.PathLike,
     base: str | os.PathLike | None = None,
-    tuned: str | os.PathLike | None = None,
+    tuned: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     delta: str | os.PathLike | None = None,
     adapter: str | os.PathLike | None = None,
-    alpha: float = 1.0,
+    alpha: float | Sequence[float] = 1.0,
+    alpha_for: Sequence[str | tuple[str, float]] = (),
+    combine: str | None = None,
+    weights: Sequence[float] | None = None,
+    density: float | None = None,
+    sparsify: str | None = None,
+    seed: int = 0,
     scope: str = "linear",
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -61,6 +96,9 @@ def apply(
 ) -> Result:
     """Graft ``alpha * (tuned - base)`` (or a delta, or a LoRA adapter) onto ``instruct`` into ``output``.
 
+    ``alpha`` may be a list (a grid: one output per value, ``output/alpha-<value>``);
+    ``alpha_for`` rules (``"REGEX=VALUE"``) set it per tensor. Several ``tuned``
+    give one output each, or one output with ``combine`` (``sum`` / ``ties``).
     ``extra`` adds top-level entries to ``shadowgraft.json`` (e.g. ``training``, ``similarity``).
 
     >>> shadowgraft.apply(instruct="./instruct", base="./base", tuned="./tuned", output="./out")  # doctest: +SKIP
@@ -68,69 +106,85 @@ def apply(
     modes = [base is not None or tuned is not None, delta is not None, adapter is not None]
     if sum(modes) != 1 or (modes[0] and (base is None or tuned is None)):
         raise ShadowgraftError("give exactly one of: --base with --tuned, --delta, or --adapter")
-    if not math_finite(alpha):
-        raise ShadowgraftError(f"--alpha must be a finite number, got {alpha}")
+    alphas = parse_alphas(alpha)
+    rules = parse_alpha_for(alpha_for)
     out_dtype = parse_dtype(dtype)
     shard_size = parse_size(max_shard_size)
     if command is None:
         # Rebuilt from the arguments: from Python, sys.argv is someone else's command.
         command = cli_line(instruct=instruct, base=base, tuned=tuned, delta=delta, adapter=adapter, output=output,
-                           alpha=alpha, scope=scope, include=include, exclude=exclude, dtype=dtype,
+                           alpha=alphas, alpha_for=rules, combine=combine, weights=weights, density=density,
+                           sparsify=sparsify, seed=seed, scope=scope, include=include, exclude=exclude, dtype=dtype,
                            max_shard_size=max_shard_size)
     dev = pick_device(device, matmul=adapter is not None)
     tuned_specs = expand_tuned(tuned) if tuned is not None else [None]
-    many = len(tuned_specs) > 1
-    if many and not dry_run:
-        Path(output).mkdir(parents=True, exist_ok=True)
-    elif not dry_run:
-        OutputDir(Path(output), overwrite=overwrite).check()
-    kw = dict(alpha=alpha, scope=scope, include=include, exclude=exclude, dtype=out_dtype, max_shard_size=shard_size)
+    mix = parse_mix(combine=combine, weights=weights, density=density, sparsify=sparsify, seed=seed,
+                    n_tuned=len(tuned_specs) if tuned is not None else 0)
+    groups = [tuned_specs] if mix is not None and tuned is not None else [[t] for t in tuned_specs]
+    many = len(groups) > 1
+    if (many or len(alphas) > 1) and not dry_run:
+        root = Path(output)
+        if root.exists() and not root.is_dir():
+            raise ShadowgraftError(f"{root}: exists and is not a folder; choose another --output")
+        if not root.absolute().parent.is_dir():
+            raise FileNotFoundError(f"{root.absolute().parent}: output's parent folder does not exist; create it first")
+    kw = dict(alpha_for=rules, scope=scope, include=include, exclude=exclude, dtype=out_dtype, max_shard_size=shard_size)
     with ExitStack() as stack:
         ins = stack.enter_context(Checkpoint.open(instruct))
-        shared = {"instruct": ins}
-        jobs: list[tuple[dict, Plan, OutputDir]] = []
+        jobs: list[Job] = []
         failed: list[str] = []
+
+        def add_jobs(folder: Path, inputs: dict, plan_for: Callable[[float], Plan], label: str) -> None:
+            for a in alphas:
+                out = folder / f"alpha-{a!r}" if len(alphas) > 1 else folder
+                outdir = OutputDir(out, overwrite=overwrite)
+                if not dry_run and out.parent.is_dir():  # nested outputs' folders are made just before writing
+                    outdir.check()
+                jobs.append(Job(plan_for(a), outdir, inputs, f"{label} alpha {a!r}" if len(alphas) > 1 else label))
+
         if adapter is not None:
             from .lora import open_adapter, plan_adapter
 
             ad = stack.enter_context(open_adapter(adapter))
-            shared["adapter"] = ad
-            jobs.append(({}, plan_adapter(ins, ad, **kw), OutputDir(Path(output), overwrite=overwrite)))
+            add_jobs(Path(output), {"instruct": ins, "adapter": ad}, lambda a: plan_adapter(ins, ad, alpha=a, **kw), "output")
         elif delta is not None:
-            shared["delta"] = stack.enter_context(Checkpoint.open(delta))
-            root = shared["delta"].root
-            if root is not None and (root / "adapter_config.json").is_file():
+            dk = stack.enter_context(Checkpoint.open(delta))
+            if dk.root is not None and (dk.root / "adapter_config.json").is_file():
                 raise ShadowgraftError(f"{delta}: is a PEFT adapter (adapter_config.json), not a delta; pass it with --adapter")
-            jobs.append(({}, plan_graft(ins, delta=shared["delta"], **kw), OutputDir(Path(output), overwrite=overwrite)))
+            add_jobs(Path(output), {"instruct": ins, "delta": dk},
+                     lambda a: plan_graft(ins, delta=dk, alpha=a, mix=mix, **kw), "output")
         else:
-            shared["base"] = stack.enter_context(Checkpoint.open(base))
-            for spec in tuned_specs:
-                out = Path(output) / Path(os.fspath(spec)).name if many else Path(output)
+            bk = stack.enter_context(Checkpoint.open(base))
+            for specs in groups:
+                folder = Path(output) / Path(os.fspath(specs[0])).name if many else Path(output)
                 try:
-                    tk = stack.enter_context(Checkpoint.open(spec))
-                    plan = plan_graft(ins, base=shared["base"], tuned=tk, **kw)
-                    outdir = OutputDir(out, overwrite=overwrite)
-                    if many and not dry_run:
-                        outdir.check()
+                    tks = [stack.enter_context(Checkpoint.open(spec)) for spec in specs]
+                    inputs = {"instruct": ins, "base": bk, **({"tuned": tks[0]} if len(tks) == 1 else
+                                                              {f"tuned_{k + 1}": t for k, t in enumerate(tks)})}
+                    add_jobs(folder, inputs, lambda a: plan_graft(ins, base=bk, tuned=tks, alpha=a, mix=mix, **kw),
+                             os.fspath(specs[0]) if many else "output")
                 except (ShadowgraftError, FileNotFoundError) as e:
                     if not many:
                         raise
-                    failed.append(f"{spec}: {e}")
-                    continue
-                jobs.append(({"tuned": tk}, plan, outdir))
-        for _, plan, _ in jobs:
+                    failed.append(f"{specs[0]}: {e}")
+        for job in jobs:
             if on_plan is not None:
-                on_plan(plan)
+                on_plan(job.plan)
         if dry_run or not jobs:
             if failed:
-                raise ShadowgraftError(f"{len(failed)} of {len(tuned_specs)} tuned checkpoints failed: " + "; ".join(failed))
-            return Result(jobs[0][1] if jobs else None, None)
-        result = _write(ins, shared, jobs, dev=dev, strict=strict, progress=progress, command=command, extra=extra)
+                raise ShadowgraftError(f"{len(failed)} of {len(groups)} tuned checkpoints failed: " + "; ".join(failed))
+            return Result(jobs[0].plan if jobs else None, None)
+        for job in jobs:
+            job.out.final.parent.mkdir(parents=True, exist_ok=True)
+        failed += _write(ins, jobs, dev=dev, strict=strict, progress=progress, command=command, extra=extra)
+    written = [j for j in jobs if not any(f.startswith(f"{j.label}: ") for f in failed)]
+    result = Result(jobs[0].plan, jobs[0].out.final, jobs[0].stats, outputs=[j.out.final for j in written],
+                    results=[OutputResult(j.out.final, j.plan, j.plan.alpha, j.stats) for j in written])
     if failed:
-        raise ShadowgraftError(f"{len(failed)} of {len(tuned_specs)} tuned checkpoints failed (the other outputs are complete): "
-                               + "; ".join(failed))
+        what = f"{len(groups)} tuned checkpoints" if len(failed) <= len(groups) and len(alphas) == 1 else f"{len(jobs) + len(failed)} outputs"
+        raise ShadowgraftError(f"{len(failed)} of {what} failed (the other outputs are complete): " + "; ".join(failed))
     if push_to_hub:
-        if many:
+        if len(jobs) > 1:
             raise ShadowgraftError("--push-to-hub takes one output; push each folder with `shadowgraft push`")
         from .hub import push
 
@@ -138,42 +192,62 @@ def apply(
     return result
 
 
-def _write(ins: Checkpoint, shared: dict, jobs: list, *, dev: str, strict: bool, progress, command, extra=None) -> Result:
-    """Stream every job's output in one pass over the inputs, then finish and commit each folder."""
-    plans = [p for _, p, _ in jobs]
-    for _, plan, outdir in jobs:
-        outdir.check_space(plan.nbytes * len(jobs))
-    cks = [c for c in shared.values() if isinstance(c, Checkpoint)] + [j["tuned"] for j, _, _ in jobs if "tuned" in j]
-    cks += list(getattr(shared.get("adapter"), "checkpoints", []))
+def _write(ins: Checkpoint, jobs: list[Job], *, dev: str, strict: bool, progress, command, extra=None) -> list[str]:
+    """Stream every job's output in one pass over the inputs, then finish and commit each folder.
+
+    Returns the outputs that failed on their own (``--strict`` with NaN/Inf
+    in them): their folders are removed, the others committed.
+    """
+    for job in jobs:
+        job.out.check_space(job.plan.nbytes * len(jobs))
+    # Checkpoints are not hashable (a dataclass with mutable state); dedupe by identity.
+    cks = list({id(c): c for j in jobs for x in j.inputs.values()
+                for c in ([x] if isinstance(x, Checkpoint) else getattr(x, "checkpoints", []))}.values())
     engine = Engine(cks, device=dev, progress=progress)
     t0 = time.perf_counter()
+    failed: list[str] = []
     with ExitStack() as stack:
-        tmps = [stack.enter_context(outdir) for _, _, outdir in jobs]
-        for k, shard in enumerate(plans[0].shards):
-            engine.write_shards([p.shards[k] for p in plans], [t / shard.file for t in tmps], plans[0].alpha)
-        if strict and engine.stats.nonfinite:
-            name, count = next(iter(engine.stats.nonfinite.items()))
-            raise ShadowgraftError(
-                f"'{name}': {count} NaN/Inf value(s) after grafting ({len(engine.stats.nonfinite)} tensor(s) affected); "
-                "check the inputs, or drop --strict to write them anyway"
-            )
-        engine.stats.seconds = time.perf_counter() - t0
+        # One stack per output, so an output can fail alone while the others commit.
+        own = [ExitStack() for _ in jobs]
+        tmps = []
+        for job, js in zip(jobs, own):
+            stack.push(js)
+            tmps.append(js.enter_context(job.out))
+        for k, shard in enumerate(jobs[0].plan.shards):
+            engine.write_shards([j.plan.shards[k] for j in jobs], [t / shard.file for t in tmps], [j.stats for j in jobs])
+        seconds = time.perf_counter() - t0
         from .card import write_card
 
-        for (own, plan, _), tmp in zip(jobs, tmps):
-            write_index(tmp, plan.shards)
-            check_written(tmp, plan)
-            copy_side_files(ins.root, tmp)
-            record = provenance({**shared, **own}, plan, command=command, stats=engine.stats, device=str(dev), extra=extra)
-            record["outputs"] = record_outputs(tmp)
-            (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
-            write_card(tmp, record, instruct_root=ins.root)
-            check_output(tmp)  # the cheap part of `shadowgraft verify`, before the rename
-    return Result(plans[0], jobs[0][2].final, engine.stats, outputs=[o.final for _, _, o in jobs])
+        for job, tmp, js in zip(jobs, tmps, own):
+            job.stats.seconds = seconds
+            job.stats.bytes_read = engine.stats.bytes_read
+            try:
+                if strict and job.stats.nonfinite:
+                    name, count = next(iter(job.stats.nonfinite.items()))
+                    raise ShadowgraftError(
+                        f"'{name}': {count} NaN/Inf value(s) after grafting ({len(job.stats.nonfinite)} tensor(s) affected); "
+                        "check the inputs, or drop --strict to write them anyway")
+                write_index(tmp, job.plan.shards)
+                check_written(tmp, job.plan)
+                copy_side_files(ins.root, tmp)
+                record = provenance(job, command=command, device=str(dev), extra=extra)
+                record["outputs"] = record_outputs(tmp)
+                (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
+                write_card(tmp, record, instruct_root=ins.root)
+                check_output(tmp)  # the cheap part of `shadowgraft verify`, before the rename
+            except ShadowgraftError as e:
+                if len(jobs) == 1:
+                    raise
+                js.__exit__(type(e), e, e.__traceback__)
+                failed.append(f"{job.label}: {e}")
+                continue
+            js.close()
+    return failed
 
 
-def cli_line(*, include: Sequence[str], exclude: Sequence[str], tuned, alpha: float, scope: str, dtype: str,
-             max_shard_size, **paths) -> str:
+def cli_line(*, include: Sequence[str], exclude: Sequence[str], tuned, alpha: tuple[float, ...],
+             alpha_for: tuple[tuple[str, float], ...], combine, weights, density, sparsify, seed: int, scope: str,
+             dtype: str, max_shard_size, **paths) -> str:
     """The ``shadowgraft apply`` command line equivalent to these arguments."""
     words = ["shadowgraft", "apply"]
     for flag in ("instruct", "base", "delta", "adapter"):
@@ -182,8 +256,20 @@ def cli_line(*, include: Sequence[str], exclude: Sequence[str], tuned, alpha: fl
     for t in (tuned if isinstance(tuned, (list, tuple)) else [tuned] if tuned is not None else []):
         words += ["--tuned", os.fspath(t)]
     words += ["--output", os.fspath(paths["output"])]
-    if alpha != 1.0:
-        words += ["--alpha", repr(alpha)]
+    if alpha != (1.0,):
+        words += ["--alpha", ",".join(map(repr, alpha))]
+    for pattern, value in alpha_for:
+        words += ["--alpha-for", f"{pattern}={value!r}"]
+    if combine is not None:
+        words += ["--combine", combine]
+    if weights is not None:
+        words += ["--weights", ",".join(map(repr, map(float, weights)))]
+    if sparsify is not None:
+        words += ["--sparsify", sparsify]
+    if density is not None:
+        words += ["--density", repr(float(density))]
+    if sparsify is not None:
+        words += ["--seed", str(seed)]
     if scope != "linear":
         words += ["--scope", scope]
     for flag, values in (("--include", include), ("--exclude", exclude)):
@@ -194,6 +280,76 @@ def cli_line(*, include: Sequence[str], exclude: Sequence[str], tuned, alpha: fl
     if max_shard_size is not None:
         words += ["--max-shard-size", str(max_shard_size)]
     return shlex.join(words)
+
+
+def _floats(text: str | float | Sequence[float], flag: str) -> tuple[float, ...]:
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            values = tuple(float(p) for p in parts)
+        except ValueError:
+            raise ShadowgraftError(f"{flag} '{text}': give numbers separated by commas, e.g. 0.25,0.5,1.0") from None
+    elif isinstance(text, (int, float)):
+        values = (float(text),)
+    else:
+        values = tuple(float(v) for v in text)
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ShadowgraftError(f"{flag} must be finite numbers, got {text}")
+    return values
+
+
+def parse_alphas(alpha: str | float | Sequence[float]) -> tuple[float, ...]:
+    """``0.5`` -> ``(0.5,)``; ``"0.25,0.5,1.0"`` or a list -> a grid, one output per value."""
+    values = _floats(alpha, "--alpha")
+    if len(set(values)) != len(values):
+        raise ShadowgraftError(f"--alpha {','.join(map(repr, values))}: a value is repeated, so two outputs would collide")
+    return values
+
+
+def parse_alpha_for(rules: Sequence[str | tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+    """``["mlp=0.5"]`` -> ``(("mlp", 0.5),)``: the regex is everything before the last ``=``."""
+    out = []
+    for rule in rules:
+        if isinstance(rule, str):
+            pattern, eq, value = rule.rpartition("=")
+            if not eq or not pattern:
+                raise ShadowgraftError(f"--alpha-for '{rule}': write REGEX=VALUE, e.g. 'mlp\\.=0.5'")
+            rule = (pattern, value)
+        pattern, value = rule
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ShadowgraftError(f"--alpha-for '{pattern}' is not a valid regular expression: {e}") from None
+        (v,) = _floats(str(value), f"--alpha-for '{pattern}'")
+        out.append((pattern, v))
+    return tuple(out)
+
+
+def parse_mix(*, combine: str | None, weights, density: float | None, sparsify: str | None, seed: int,
+              n_tuned: int) -> Mix | None:
+    """How the change of one output is made from several deltas (or one, sparsified); None for a plain graft."""
+    if combine is None and sparsify is None:
+        if weights is not None or density is not None:
+            raise ShadowgraftError("--weights and --density take effect with --combine or --sparsify")
+        return None
+    if combine is not None and combine not in METHODS:
+        raise ShadowgraftError(f"--combine '{combine}': use one of {', '.join(METHODS)}")
+    if sparsify is not None and sparsify != "dare":
+        raise ShadowgraftError(f"--sparsify '{sparsify}': the one method is dare")
+    if combine is not None and n_tuned < 2:
+        raise ShadowgraftError("--combine merges several deltas: give two or more --tuned (all tuned from --base)")
+    n = max(n_tuned, 1)
+    w = _floats(weights, "--weights") if weights is not None else (1.0,) * n
+    if len(w) != n:
+        raise ShadowgraftError(f"--weights has {len(w)} value(s) for {n} --tuned checkpoint(s); give one per --tuned, in order")
+    if combine == "ties" and min(w) <= 0:
+        raise ShadowgraftError("--combine ties needs positive --weights (they weigh a vote and an average)")
+    if density is not None and not (math.isfinite(density) and 0 < density <= 1):
+        raise ShadowgraftError(f"--density must be in (0, 1], got {density}")
+    if sparsify == "dare" and density is None:
+        raise ShadowgraftError("--sparsify dare needs --density P, the probability of keeping each element")
+    dare = density if sparsify == "dare" else None
+    return Mix(combine or "sum", w, density if density is not None and dare is None else 1.0, dare, int(seed))
 
 
 def expand_tuned(tuned) -> list:
@@ -222,10 +378,6 @@ def _natural(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def math_finite(x: float) -> bool:
-    return x == x and x not in (float("inf"), float("-inf"))
-
-
 def pick_device(device: str, *, matmul: bool = False) -> str:
     """Resolve ``auto``: CUDA only for LoRA merges, whose B @ A products are real compute.
 
@@ -243,19 +395,27 @@ def pick_device(device: str, *, matmul: bool = False) -> str:
     return device
 
 
-def describe(ck) -> dict:
-    """Provenance of one input (a checkpoint or an adapter)."""
-    return ck.describe()
-
-
-def provenance(inputs: dict, plan: Plan, *, command: str | None, stats: Stats, device: str, extra: dict | None = None) -> dict:
-    return {
+def provenance(job: Job, *, command: str | None, device: str, extra: dict | None = None) -> dict:
+    """The ``shadowgraft.json`` record of one output."""
+    plan, inputs, stats = job.plan, job.inputs, job.stats
+    mix = plan.mix
+    if "adapter" in inputs:
+        mode, formula = "adapter", "W_out = W_instruct + alpha * scale * (B @ A)"
+    elif "delta" in inputs:
+        mode, formula = "delta", "W_out = W_instruct + alpha * D, D = W_tuned - W_base"
+    elif mix is not None and len(mix.weights) > 1:
+        mode = "combine"
+        formula = ("W_out = W_instruct + alpha * sum_i w_i d_i, d_i = W_tuned_i - W_base" if mix.method == "sum" else
+                   "W_out = W_instruct + alpha * TIES(d_i), d_i = W_tuned_i - W_base")
+    else:
+        mode, formula = "full", "W_out = W_instruct + alpha * (W_tuned - W_base)"
+    if mix is not None and mix.dare is not None:
+        formula += " (each d DARE-sparsified)"
+    record = {
         "shadowgraft_version": __version__,
-        "formula": ("W_out = W_instruct + alpha * scale * (B @ A)" if "adapter" in inputs
-                    else "W_out = W_instruct + alpha * D, D = W_tuned - W_base" if "delta" in inputs
-                    else "W_out = W_instruct + alpha * (W_tuned - W_base)"),
-        "mode": "adapter" if "adapter" in inputs else "delta" if "delta" in inputs else "full",
-        "inputs": {label: describe(ck) for label, ck in inputs.items()},
+        "formula": formula,
+        "mode": mode,
+        "inputs": {label: ck.describe() for label, ck in inputs.items()},
         "alpha": plan.alpha,
         "scope": plan.scope,
         "command": command,
@@ -266,5 +426,10 @@ def provenance(inputs: dict, plan: Plan, *, command: str | None, stats: Stats, d
         "nonfinite": stats.nonfinite,
         "warnings": list(plan.warnings),
         "notes": list(plan.notes),
-        **(extra or {}),
     }
+    if plan.alpha_for:
+        record["alpha_for"] = [{"regex": p, "alpha": v} for p, v in plan.alpha_for]
+        record["alphas"] = {i.name: i.alpha for i in plan.items if i.action == "graft" and i.alpha != plan.alpha}
+    if mix is not None:
+        record["combine"] = mix.describe()
+    return {**record, **(extra or {})}

@@ -310,6 +310,7 @@ def plan_adapter(
     ad: Adapter,
     *,
     alpha: float = 1.0,
+    alpha_for: Sequence[tuple[str, float]] = (),
     scope: str = "linear",
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -353,7 +354,7 @@ def plan_adapter(
                 hint = f" (it fits transposed: fan_in_fan_out should be {not ad.fan_in_fan_out} in {CONFIG_NAME})"
             problems.append(f"'{target}': instruct {tuple(w.shape)} does not fit the adapter's change {want}{hint}")
         else:
-            terms[target] = LoraTerm(mod.a, mod.b, mod.scale, transpose, adapter=ad.checkpoint)
+            terms[target] = LoraTerm(mod.a, mod.b, mod.scale, transpose)
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ShadowgraftError(f"adapter {ad.source}: " + "; ".join(problems[:3]) + more)
@@ -367,8 +368,8 @@ def plan_adapter(
     if ad.frozen_copies:
         warnings.append(f"the adapter also stores full copies of {_names(list(ad.frozen_copies))} (PEFT save_embedding_layers); "
                         "they are base's frozen weights and are not grafted")
-    items = items_with(ins, dtype, terms)
-    return Plan(tuple(plan_shards(ins, items, max_shard_size)), alpha, scope, tuple(warnings))
+    items = items_with(ins, dtype, terms, alpha=alpha, alpha_for=alpha_for)
+    return Plan(tuple(plan_shards(ins, items, max_shard_size)), alpha, scope, tuple(warnings), alpha_for=tuple(alpha_for))
 
 
 def _target(ins: Checkpoint, module: str) -> str | None:

@@ -7,6 +7,7 @@ the output folder exists. ``--dry-run`` prints the plan and stops.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -14,6 +15,7 @@ from typing import Callable, Iterable, Sequence
 from .checkpoint import Checkpoint
 from .errors import ShadowgraftError
 from .header import DTYPE_BITS, TensorInfo
+from .mix import Mix
 from .naming import SCOPES, in_scope, sibling_weight
 
 
@@ -25,20 +27,27 @@ class LoraTerm:
     b: TensorInfo
     scale: float
     transpose: bool = False  # fan_in_fan_out: the weight is stored (in, out)
-    adapter: Checkpoint | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class Item:
-    """One output tensor: ``copy`` (raw bytes), ``cast`` (dtype change) or ``graft`` (compute)."""
+    """One output tensor: ``copy`` (raw bytes), ``cast`` (dtype change), ``graft`` (compute) or ``delta`` (diff).
+
+    A graft adds ``alpha`` times the change of its ``terms``: ``term - base``
+    for tuned checkpoints, the term itself for stored deltas (no base),
+    combined by ``mix`` when there are several; or ``alpha`` times a LoRA
+    product. A ``delta`` item writes ``src - base``.
+    """
 
     name: str
     action: str
     dtype: str  # output dtype code
-    src: TensorInfo  # the instruct tensor
-    # graft inputs: (tuned, base) for a full delta, (delta,) for a stored one
-    deltas: tuple[TensorInfo, ...] = ()
+    src: TensorInfo  # the instruct tensor (the tuned one for ``delta``)
+    terms: tuple[TensorInfo, ...] = ()
+    base: TensorInfo | None = None
     lora: LoraTerm | None = None
+    alpha: float = 1.0
+    mix: Mix | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -47,6 +56,11 @@ class Item:
     @property
     def nbytes(self) -> int:
         return self.src.numel * DTYPE_BITS[self.dtype] // 8
+
+    @property
+    def inputs(self) -> tuple[TensorInfo, ...]:
+        """Every tensor this item reads, instruct first."""
+        return (self.src, *self.terms, *((self.base,) if self.base is not None else ()))
 
 
 @dataclass(frozen=True)
@@ -62,10 +76,12 @@ class Shard:
 @dataclass(frozen=True)
 class Plan:
     shards: tuple[Shard, ...]
-    alpha: float
+    alpha: float  # the default; an item's own alpha may differ (``alpha_for`` rules)
     scope: str
     warnings: tuple[str, ...] = ()  # something the user may not expect (ignored tensors)
     notes: tuple[str, ...] = ()  # what the selection implies (tensors left at instruct's values)
+    alpha_for: tuple[tuple[str, float], ...] = ()  # (regex, alpha): first match sets a tensor's alpha
+    mix: Mix | None = None
 
     @property
     def items(self) -> list[Item]:
@@ -122,43 +138,84 @@ def plan_graft(
     instruct: Checkpoint,
     *,
     base: Checkpoint | None = None,
-    tuned: Checkpoint | None = None,
+    tuned: Checkpoint | Sequence[Checkpoint] | None = None,
     delta: Checkpoint | None = None,
     alpha: float = 1.0,
+    alpha_for: Sequence[tuple[str, float]] = (),
+    mix: Mix | None = None,
     scope: str = "linear",
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     dtype: str | None = None,
     max_shard_size: int | None = None,
 ) -> Plan:
-    """Plan ``instruct + alpha * (tuned - base)`` (or ``+ alpha * delta``)."""
-    if (base is None) != (tuned is None) or (delta is not None) == (tuned is not None):
+    """Plan ``instruct + alpha * (tuned - base)`` (or ``+ alpha * delta``).
+
+    Several ``tuned`` checkpoints (all tuned from ``base``) are combined by
+    ``mix``; one tuned checkpoint with a ``mix`` is sparsified by DARE alone.
+    """
+    tuneds = [tuned] if isinstance(tuned, Checkpoint) else list(tuned or [])
+    if (base is None) != (not tuneds) or (delta is not None) == bool(tuneds):
         raise ShadowgraftError("give either --base and --tuned, or --delta")
+    if len(tuneds) > 1 and mix is None:
+        raise ShadowgraftError("several --tuned for one output need --combine sum or --combine ties")
     pick = select(instruct, scope=scope, include=include, exclude=exclude)
-    sources = {"base": base, "tuned": tuned} if delta is None else {"delta": delta}
+    labels = ["tuned"] if len(tuneds) == 1 else [f"tuned #{k + 1}" for k in range(len(tuneds))]
+    sources = dict(zip(labels, tuneds)) if delta is None else {"delta": delta}
+    if base is not None:
+        sources["base"] = base
     chosen = [n for n in instruct.tensors if pick(n)]
     _check_inputs(instruct, sources, chosen)
-    # The engine computes deltas[0] - deltas[1], or adds deltas[0] alone.
-    deltas = {n: (tuned[n], base[n]) if delta is None else (delta[n],) for n in chosen}
-    items = [_item(t, dtype, deltas.get(t.name)) for t in instruct]
+    rules = _alpha_rules(alpha_for)
+    picked = set(chosen)
+    items = []
+    for t in instruct:
+        if t.name not in picked:
+            items.append(_item(t, dtype))
+        elif delta is not None:
+            items.append(_item(t, dtype, terms=(delta[t.name],), alpha=alpha_of(t.name, alpha, rules), mix=mix))
+        else:
+            items.append(_item(t, dtype, terms=tuple(c[t.name] for c in tuneds), base=base[t.name],
+                               alpha=alpha_of(t.name, alpha, rules), mix=mix))
     warnings = _unused_warnings(instruct, sources)
     first = next(iter(sources.values()))
-    picked = set(chosen)
     kept = [n for n in instruct.tensors if n in first.tensors and n not in picked]
     notes = [f"{len(kept)} tensor(s) outside --scope {scope}/--include/--exclude keep instruct's values: {_names(kept)}"] if kept else []
-    return Plan(tuple(plan_shards(instruct, items, max_shard_size)), alpha, scope, tuple(warnings), tuple(notes))
+    return Plan(tuple(plan_shards(instruct, items, max_shard_size)), alpha, scope, tuple(warnings), tuple(notes),
+                tuple(alpha_for), mix)
 
 
-def _item(src: TensorInfo, dtype: str | None, deltas: tuple[TensorInfo, ...] | None, lora: LoraTerm | None = None) -> Item:
+def _alpha_rules(alpha_for: Sequence[tuple[str, float]]) -> list[tuple[re.Pattern, float]]:
+    rules = []
+    for pattern, value in alpha_for:
+        (rx,) = _compile([pattern], "--alpha-for")
+        if not math.isfinite(value):
+            raise ShadowgraftError(f"--alpha-for '{pattern}={value}': alpha must be a finite number")
+        rules.append((rx, float(value)))
+    return rules
+
+
+def alpha_of(name: str, alpha: float, rules: Sequence[tuple[re.Pattern, float]]) -> float:
+    """The first ``--alpha-for`` rule whose regex matches ``name`` sets its alpha; otherwise ``alpha``."""
+    for rx, value in rules:
+        if rx.search(name):
+            return value
+    return alpha
+
+
+def _item(src: TensorInfo, dtype: str | None, *, terms: tuple[TensorInfo, ...] = (), base: TensorInfo | None = None,
+          lora: LoraTerm | None = None, alpha: float = 1.0, mix: Mix | None = None) -> Item:
     out = dtype if dtype and src.is_float else src.dtype
-    if deltas or lora:
-        return Item(src.name, "graft", out, src, deltas or (), lora)
+    if terms or lora:
+        return Item(src.name, "graft", out, src, terms, base, lora, alpha, mix)
     return Item(src.name, "copy" if out == src.dtype else "cast", out, src)
 
 
-def items_with(instruct: Checkpoint, dtype: str | None, lora: dict[str, LoraTerm]) -> list[Item]:
+def items_with(instruct: Checkpoint, dtype: str | None, lora: dict[str, LoraTerm], *, alpha: float = 1.0,
+               alpha_for: Sequence[tuple[str, float]] = ()) -> list[Item]:
     """Items for an adapter graft: tensors in ``lora`` get their low-rank term, the rest copy."""
-    return [_item(t, dtype, None, lora.get(t.name)) for t in instruct]
+    rules = _alpha_rules(alpha_for)
+    return [_item(t, dtype, lora=lora.get(t.name), alpha=alpha_of(t.name, alpha, rules)) for t in instruct]
 
 
 def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: list[str]) -> None:

@@ -33,7 +33,7 @@ def _trio(tmp_path, n=10_007, dtype=torch.bfloat16, nan=False):
 def _run(cks, out, chunk, alpha=1.0):
     plan = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"], alpha=alpha)
     eng = Engine(list(cks.values()), chunk=chunk)
-    eng.write_shard(plan.shards[0], out, alpha)
+    eng.write_shard(plan.shards[0], out)
     return eng
 
 
@@ -65,9 +65,17 @@ def test_many_outputs_share_reads(tmp_path):
     cks = _trio(tmp_path)
     plan = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"])
     eng = Engine(list(cks.values()), chunk=4096)
-    eng.write_shards([plan.shards[0], plan.shards[0]], [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], 1.0)
+    eng.write_shards([plan.shards[0], plan.shards[0]], [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
     one = _run(cks, tmp_path / "c.safetensors", 4096)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
-    # instruct and base are read once for both outputs: only tuned is read twice.
+    # Two outputs from the same inputs (an alpha grid): every tensor is read once.
     per_model = one.stats.bytes_read / 3
+    assert eng.stats.bytes_read == pytest.approx(3 * per_model, rel=0.01)
+    # A second tuned checkpoint: instruct and base are still read once, each tuned once.
+    other = tmp_path / "tuned2.safetensors"
+    other.write_bytes(cks["tuned"].files[0].read_bytes())
+    t2 = Checkpoint.open(other)
+    plan2 = plan_graft(cks["instruct"], base=cks["base"], tuned=t2)
+    eng = Engine([*cks.values(), t2], chunk=4096)
+    eng.write_shards([plan.shards[0], plan2.shards[0]], [tmp_path / "d.safetensors", tmp_path / "e.safetensors"])
     assert eng.stats.bytes_read == pytest.approx(4 * per_model, rel=0.01)

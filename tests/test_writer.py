@@ -31,7 +31,7 @@ def _write(src, out, max_shard):
     eng = Engine([ck])
     with OutputDir(out) as tmp:
         for s in shards:
-            eng.write_shard(s, tmp / s.file, 1.0)
+            eng.write_shard(s, tmp / s.file)
         if len(shards) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(shards)))
     ck.close()

@@ -15,7 +15,16 @@ from ..cli import MODEL_HELP, err, human, out, print_notes, print_plan, progress
 @click.option("--delta", help="A delta folder written by `shadowgraft diff`.")
 @click.option("--adapter", help="A PEFT LoRA adapter trained on base.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (created atomically).")
-@click.option("--alpha", default=1.0, show_default=True, type=float, help="Scale of the grafted change.")
+@click.option("--alpha", default="1.0", show_default=True, metavar="A[,A...]",
+              help="Scale of the grafted change; a comma list (0.25,0.5,1.0) writes one output per value, OUT/alpha-<value>.")
+@click.option("--alpha-for", multiple=True, metavar="REGEX=VALUE",
+              help="Per-tensor alpha: the first rule whose regex matches a tensor's name sets it (repeatable).")
+@click.option("--combine", type=click.Choice(["sum", "ties"]),
+              help="Merge the deltas of several --tuned (all from --base) into ONE output: weighted sum, or TIES.")
+@click.option("--weights", metavar="W1,W2,...", help="Weights of the --tuned deltas, in --tuned order (default 1 each).")
+@click.option("--density", type=float, help="TIES: fraction of each delta kept by magnitude; DARE: keep probability.")
+@click.option("--sparsify", type=click.Choice(["dare"]), help="Drop delta elements at random (DARE) before combining.")
+@click.option("--seed", default=0, show_default=True, type=int, help="DARE's seed (with the tensor name and index, it fixes the mask).")
 @selection_options(default="linear", verb="graft")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", default="auto", show_default=True, help="Output dtype: auto keeps instruct's per tensor.")
@@ -31,6 +40,7 @@ def command(quiet: bool, **kw) -> None:
     from .. import graft
 
     kw["tuned"] = None if not kw["tuned"] else kw["tuned"][0] if len(kw["tuned"]) == 1 else list(kw["tuned"])
+    kw["alpha_for"] = list(kw["alpha_for"])
     bar = progress_bar(quiet)
     dry = kw["dry_run"]
 
@@ -51,20 +61,26 @@ def command(quiet: bool, **kw) -> None:
     finally:
         if bar is not None:
             bar.stop()
-    if dry or quiet:
+    if dry:
         return
-    s = res.stats
+    for r in res.results:
+        # Printed even with --quiet: values that are not numbers are never silent.
+        if r.stats.nonfinite:
+            where = f"{untrusted(str(r.output))}: " if len(res.results) > 1 else ""
+            err.print(f"[yellow]warning:[/] {where}NaN/Inf values in {len(r.stats.nonfinite)} grafted tensor(s): "
+                      + untrusted(", ".join(f"{k} ({v})" for k, v in list(r.stats.nonfinite.items())[:3])), emoji=False)
+    if quiet:
+        return
     from rich.table import Table
 
-    where = ", ".join(map(str, res.outputs)) if len(res.outputs) > 1 else res.output
-    t = Table(title=f"grafted into {where}")
-    for col in ("grafted", "copied", "cast", "written", "seconds", "GB/s"):
-        t.add_column(col, justify="right")
-    t.add_row(str(s.grafted), str(s.copied), str(s.cast), human(s.bytes_written), f"{s.seconds:.2f}",
-              f"{s.bytes_written / max(s.seconds, 1e-9) / 1e9:.2f}")
+    many = len(res.results) > 1
+    t = Table(title=f"grafted into {untrusted(str(res.output))}" if not many else f"{len(res.results)} outputs")
+    for col in (["output", "alpha"] if many else []) + ["grafted", "copied", "cast", "written", "seconds", "GB/s"]:
+        t.add_column(col, justify="left" if col == "output" else "right")
+    for r in res.results:
+        s = r.stats
+        t.add_row(*([untrusted(str(r.output)), f"{r.alpha:g}"] if many else []), str(s.grafted), str(s.copied), str(s.cast),
+                  human(s.bytes_written), f"{s.seconds:.2f}", f"{s.bytes_written / max(s.seconds, 1e-9) / 1e9:.2f}")
     out.print(t)
-    if s.nonfinite:
-        err.print(f"[yellow]warning:[/] NaN/Inf values in {len(s.nonfinite)} grafted tensor(s): "
-                  + untrusted(", ".join(f"{k} ({v})" for k, v in list(s.nonfinite.items())[:3])), emoji=False)
     if res.url:
         out.print(f"pushed to {res.url}")
