@@ -37,7 +37,8 @@ def card_text(record: dict, *, instruct_root: Path | None = None) -> str:
     from huggingface_hub.repocard_data import ModelCardData
 
     inputs = record["inputs"]
-    hub_ids = list(dict.fromkeys(inputs[k]["repo_id"] for k in _ROLES if inputs.get(k, {}).get("repo_id")))
+    roles = [*_ROLES, *sorted(k for k in inputs if k.startswith("tuned_"))]  # --combine: tuned_1, tuned_2, ...
+    hub_ids = list(dict.fromkeys(inputs[k]["repo_id"] for k in roles if inputs.get(k, {}).get("repo_id")))
     data = ModelCardData(
         base_model=hub_ids or None,
         base_model_relation="merge" if hub_ids else None,
@@ -109,6 +110,7 @@ def _body(record: dict) -> str:
         "|---|---|",
         f"| mode | {record.get('mode', 'full')} |",
         f"| alpha | {record['alpha']} |",
+        *_recipe_rows(record),
         f"| scope | {record['scope']} ({n_graft} tensors grafted, {n_copy} copied unchanged from instruct) |",
         *_adapter_rows(inputs.get("adapter")),
         "",
@@ -142,6 +144,20 @@ def _body(record: dict) -> str:
         lines += ["", "As it was run (Hub revisions unpinned):", "", "```bash", as_run, "```"]
     lines += ["", "`shadowgraft.json` next to the weights lists every grafted tensor and the full provenance.", ""]
     return "\n".join(lines)
+
+
+def _recipe_rows(record: dict) -> list[str]:
+    """Per-tensor alpha rules and how several deltas were combined, when the record has them."""
+    rows = []
+    rules = record.get("alpha_for") or []
+    if rules:
+        text = "; ".join(f"`{r['regex']}` -> {r['alpha']}" for r in rules).replace("|", "\\|")
+        rows.append(f"| alpha per tensor (first matching regex wins) | {text} |")
+    mix = record.get("combine")
+    if mix:
+        parts = [f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in mix.items()]
+        rows.append(f"| deltas combined | {'; '.join(parts)} |")
+    return rows
 
 
 def _adapter_rows(ad: dict | None) -> list[str]:

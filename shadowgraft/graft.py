@@ -110,16 +110,17 @@ def apply(
     rules = parse_alpha_for(alpha_for)
     out_dtype = parse_dtype(dtype)
     shard_size = parse_size(max_shard_size)
-    if command is None:
-        # Rebuilt from the arguments: from Python, sys.argv is someone else's command.
-        command = cli_line(instruct=instruct, base=base, tuned=tuned, delta=delta, adapter=adapter, output=output,
-                           alpha=alphas, alpha_for=rules, combine=combine, weights=weights, density=density,
-                           sparsify=sparsify, seed=seed, scope=scope, include=include, exclude=exclude, dtype=dtype,
-                           max_shard_size=max_shard_size)
     dev = pick_device(device, matmul=adapter is not None)
     tuned_specs = expand_tuned(tuned) if tuned is not None else [None]
     mix = parse_mix(combine=combine, weights=weights, density=density, sparsify=sparsify, seed=seed,
                     n_tuned=len(tuned_specs) if tuned is not None else 0)
+    if mix is not None and adapter is not None:
+        raise ShadowgraftError("--combine and --sparsify work on deltas (--base with --tuned, or --delta), not on --adapter")
+    if command is None:
+        # Rebuilt from the arguments: from Python, sys.argv is someone else's command.
+        command = cli_line(instruct=instruct, base=base, tuned=tuned, delta=delta, adapter=adapter, output=output,
+                           alpha=alphas, alpha_for=rules, mix=mix, scope=scope, include=include, exclude=exclude,
+                           dtype=dtype, max_shard_size=max_shard_size)
     groups = [tuned_specs] if mix is not None and tuned is not None else [[t] for t in tuned_specs]
     many = len(groups) > 1
     if (many or len(alphas) > 1) and not dry_run:
@@ -246,8 +247,8 @@ def _write(ins: Checkpoint, jobs: list[Job], *, dev: str, strict: bool, progress
 
 
 def cli_line(*, include: Sequence[str], exclude: Sequence[str], tuned, alpha: tuple[float, ...],
-             alpha_for: tuple[tuple[str, float], ...], combine, weights, density, sparsify, seed: int, scope: str,
-             dtype: str, max_shard_size, **paths) -> str:
+             alpha_for: tuple[tuple[str, float], ...], mix: Mix | None, scope: str, dtype: str, max_shard_size,
+             **paths) -> str:
     """The ``shadowgraft apply`` command line equivalent to these arguments."""
     words = ["shadowgraft", "apply"]
     for flag in ("instruct", "base", "delta", "adapter"):
@@ -260,16 +261,15 @@ def cli_line(*, include: Sequence[str], exclude: Sequence[str], tuned, alpha: tu
         words += ["--alpha", ",".join(map(repr, alpha))]
     for pattern, value in alpha_for:
         words += ["--alpha-for", f"{pattern}={value!r}"]
-    if combine is not None:
-        words += ["--combine", combine]
-    if weights is not None:
-        words += ["--weights", ",".join(map(repr, map(float, weights)))]
-    if sparsify is not None:
-        words += ["--sparsify", sparsify]
-    if density is not None:
-        words += ["--density", repr(float(density))]
-    if sparsify is not None:
-        words += ["--seed", str(seed)]
+    if mix is not None:
+        if len(mix.weights) > 1:
+            words += ["--combine", mix.method]
+        if any(w != 1.0 for w in mix.weights):
+            words += ["--weights", ",".join(map(repr, mix.weights))]
+        if mix.dare is not None:
+            words += ["--sparsify", "dare", "--density", repr(mix.dare), "--seed", str(mix.seed)]
+        elif mix.density != 1.0:
+            words += ["--density", repr(mix.density)]
     if scope != "linear":
         words += ["--scope", scope]
     for flag, values in (("--include", include), ("--exclude", exclude)):

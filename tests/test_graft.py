@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -194,3 +195,125 @@ def test_adapter_passed_as_delta_is_named(tmp_path, trio):
     save_file({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(2, 64)}, str(ad / "adapter_model.safetensors"))
     with pytest.raises(ShadowgraftError, match=r"lora: is a PEFT adapter \(adapter_config.json\), not a delta; pass it with --adapter"):
         shadowgraft.apply(instruct=trio["instruct"], delta=ad, output=tmp_path / "o")
+
+
+def test_alpha_grid_writes_one_exact_output_per_value_reading_inputs_once(tmp_path, trio):
+    res = shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "grid",
+                            alpha="0.25,0.5,1.0")
+    assert [r.output.name for r in res.results] == ["alpha-0.25", "alpha-0.5", "alpha-1.0"]
+    for r in res.results:
+        inst, ref = reference(trio, r.alpha)
+        got = load(r.output)
+        for n in r.plan.grafted:
+            assert_exact(got[n], ref[n])
+        meta = json.loads((r.output / "shadowgraft.json").read_text())
+        assert meta["alpha"] == r.alpha
+        assert f"| alpha | {r.alpha} |" in (r.output / "README.md").read_text()
+    # Byte-identical to a graft of the same alpha alone.
+    alone = shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "alone", alpha=0.5)
+    for f in alone.output.glob("*.safetensors"):
+        assert (tmp_path / "grid" / "alpha-0.5" / f.name).read_bytes() == f.read_bytes()
+    # Each input byte is read once for all three outputs.
+    assert res.stats.bytes_read == pytest.approx(alone.stats.bytes_read, rel=0.001)
+
+
+def test_alpha_grid_with_several_tuned_nests_outputs(tmp_path, trio):
+    import shutil
+
+    shutil.copytree(trio["tuned"], tmp_path / "run" / "checkpoint-1")
+    shutil.copytree(trio["tuned"], tmp_path / "run" / "checkpoint-2")
+    res = shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=tmp_path / "run", output=tmp_path / "out",
+                            alpha=[0.5, 2.0])
+    assert sorted(str(r.output.relative_to((tmp_path / "out").absolute())) for r in res.results) == [
+        "checkpoint-1/alpha-0.5", "checkpoint-1/alpha-2.0", "checkpoint-2/alpha-0.5", "checkpoint-2/alpha-2.0"]
+
+
+def test_alpha_for_sets_alpha_per_tensor_first_rule_wins(tmp_path, trio):
+    res = shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o",
+                            alpha=0.5, alpha_for=[r"layers\.0\..*mlp=0.0", r"mlp=2.0", r"q_proj=-1"])
+    i, t, b = (load(trio[k]) for k in ("instruct", "tuned", "base"))
+    got = load(tmp_path / "o")
+    want = {}
+    for n in res.plan.grafted:
+        a = 0.0 if ("layers.0." in n and "mlp" in n) else 2.0 if "mlp" in n else -1.0 if "q_proj" in n else 0.5
+        want[n] = a
+        assert_exact(got[n], i[n].double() + a * (t[n].double() - b[n].double()))
+    assert {it.name: it.alpha for it in res.plan.items if it.action == "graft"} == want
+    meta = json.loads((tmp_path / "o" / "shadowgraft.json").read_text())
+    assert meta["alpha_for"][0] == {"regex": r"layers\.0\..*mlp", "alpha": 0.0}
+    assert meta["alphas"] == {n: a for n, a in want.items() if a != 0.5}
+    assert "--alpha-for" in meta["command"]
+    assert r"| alpha per tensor (first matching regex wins) | `layers\.0\..*mlp` -> 0.0; `mlp` -> 2.0" in (tmp_path / "o" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("bad, msg", [("0.5,x", r"--alpha '0.5,x': give numbers"), ("nan", r"--alpha must be finite"),
+                                      ("0.5,0.5", r"a value is repeated")])
+def test_bad_alpha_values_are_refused(tmp_path, trio, bad, msg):
+    with pytest.raises(ShadowgraftError, match=msg):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o", alpha=bad)
+    with pytest.raises(ShadowgraftError, match=r"--alpha-for 'mlp\(': write|not a valid regular expression"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o",
+                          alpha_for=["mlp(=1"])
+    assert not (tmp_path / "o").exists()
+
+
+def _poisoned_copy(src, dst, name, value):
+    """A copy of checkpoint folder ``src`` with element 0 of tensor ``name`` set to ``value``."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    idx = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    f = dst / idx[name]
+    tensors = load(f)
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def test_nan_in_one_tuned_checkpoint_is_recorded_in_its_output_only(tmp_path, trio):
+    bad = "model.layers.1.mlp.up_proj.weight"
+    _poisoned_copy(trio["tuned"], tmp_path / "run" / "checkpoint-2", bad, float("nan"))
+    import shutil
+
+    shutil.copytree(trio["tuned"], tmp_path / "run" / "checkpoint-1")
+    res = shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=tmp_path / "run", output=tmp_path / "out")
+    meta = {r.output.name: json.loads((r.output / "shadowgraft.json").read_text()) for r in res.results}
+    assert meta["checkpoint-1"]["nonfinite"] == {} and meta["checkpoint-2"]["nonfinite"] == {bad: 1}
+    # --strict fails the bad checkpoint alone; the clean one is written.
+    with pytest.raises(ShadowgraftError, match=r"1 of 2 tuned checkpoints failed \(the other outputs are complete\): .*checkpoint-2: "
+                                               r"'model\.layers\.1\.mlp\.up_proj\.weight': 1 NaN/Inf"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=tmp_path / "run", output=tmp_path / "strict",
+                          strict=True)
+    assert (tmp_path / "strict" / "checkpoint-1" / "shadowgraft.json").is_file()
+    assert not (tmp_path / "strict" / "checkpoint-2").exists()
+    assert not [p for p in (tmp_path / "strict").iterdir() if p.name.startswith(".")]
+
+
+def test_overflow_to_inf_is_counted_and_fails_strict(tmp_path, trio):
+    """bf16 holds 1e6; float16 cannot (max 65504): the rounded value is Inf, in grafted and cast tensors alike."""
+    inst = tmp_path / "inst"
+    _poisoned_copy(trio["instruct"], inst, "model.layers.0.self_attn.q_proj.weight", 1e6)
+    res = shadowgraft.apply(instruct=inst, base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o", dtype="float16")
+    assert res.stats.nonfinite == {"model.layers.0.self_attn.q_proj.weight": 1}
+    assert json.loads((tmp_path / "o" / "shadowgraft.json").read_text())["nonfinite"] == res.stats.nonfinite
+    cast = tmp_path / "inst2"
+    _poisoned_copy(trio["instruct"], cast, "model.embed_tokens.weight", -1e6)
+    res = shadowgraft.apply(instruct=cast, base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o2", dtype="float16")
+    assert res.stats.nonfinite == {"model.embed_tokens.weight": 1}
+    assert load(tmp_path / "o2")["model.embed_tokens.weight"].view(-1)[0] == -math.inf
+    with pytest.raises(ShadowgraftError, match=r"'model\.embed_tokens\.weight': 1 NaN/Inf value\(s\)"):
+        shadowgraft.apply(instruct=cast, base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o3", dtype="float16",
+                          strict=True)
+    assert not (tmp_path / "o3").exists()
+
+
+def test_quiet_still_prints_nonfinite_values(tmp_path, trio, capsys):
+    from .conftest import run_cli
+
+    inst = tmp_path / "inst"
+    _poisoned_copy(trio["instruct"], inst, "model.layers.0.self_attn.q_proj.weight", 1e6)
+    code, out, err = run_cli(capsys, "apply", "--instruct", inst, "--base", trio["base"], "--tuned", trio["tuned"],
+                             "-o", tmp_path / "o", "--dtype", "float16", "-q")
+    assert code == 0 and out == ""
+    assert "NaN/Inf values in 1 grafted tensor(s): model.layers.0.self_attn.q_proj.weight (1)" in " ".join(err.split())
