@@ -179,8 +179,9 @@ def _similarity(sim) -> list[str]:
         "## Similarity",
         "",
         "Relative gap sigma = sum|A - B| / (sum|A| + sum|B|) per tensor, summarised over the transformer-block "
-        "tensors" + (f" between {pair}" if pair else "") + ". The Shadow-FT paper finds sigma under 0.05 "
-        "between base and instruct for the families it studies; a larger gap makes grafting riskier.",
+        "tensors" + (f" between {pair}" if pair else "") + ". Close siblings are under 0.03 (Llama-3.1-8B base vs "
+        "instruct: about 0.016); the pairs the Shadow-FT authors graft reach about 0.1 (Qwen3-4B-Base vs "
+        "Instruct-2507: 0.0562), where an alpha grid is worth trying; over 0.12 the weights diverge.",
         "",
         "| statistic | value |",
         "|---|---|",

@@ -77,13 +77,16 @@ def progress_bar(quiet: bool):
 def print_plan(plan, verbose: bool = False) -> None:
     from rich.table import Table
 
-    t = Table(title="plan", show_lines=False)
-    for col in ("tensor", "action", "dtype", "shape", "bytes"):
-        t.add_column(col, justify="right" if col == "bytes" else "left")
+    # The alpha column appears when alpha is not the default 1 everywhere (a grid value, --alpha-for rules).
+    alphas = plan.alpha != 1.0 or bool(plan.alpha_for)
+    t = Table(title=f"plan (alpha {plan.alpha:g})" if alphas else "plan", show_lines=False)
+    for col in ("tensor", "action", *(("alpha",) if alphas else ()), "dtype", "shape", "bytes"):
+        t.add_column(col, justify="right" if col in ("bytes", "alpha") else "left")
     for s in plan.shards:
         for i in s.items:
             if verbose or i.action != "copy":
-                t.add_row(untrusted(i.name), i.action, i.dtype, "x".join(map(str, i.shape)) or "scalar", human(i.nbytes))
+                a = (f"{i.alpha:g}" if i.action == "graft" else "",) if alphas else ()
+                t.add_row(untrusted(i.name), i.action, *a, i.dtype, "x".join(map(str, i.shape)) or "scalar", human(i.nbytes))
     if t.row_count:
         out.print(t)
     out.print(f"{plan.count('graft')} graft, {plan.count('copy')} copy, {plan.count('cast')} cast; "

@@ -38,7 +38,12 @@ STATS_CHUNK = 1 << 18
 SPAN_STEPS = 4
 
 # The paper found all nine model families it studied under this gap.
-THRESHOLD = 0.05
+# Verdict bands on sigma_mean, from published numbers: Llama-3.1-8B base vs
+# instruct is about 0.016 (close siblings); the pairs the paper's authors
+# graft reach about 0.1 (Qwen3-4B-Base vs Instruct-2507: 0.0562); beyond,
+# the two are unlikely to be base and instruct of one release.
+CLOSE = 0.03
+THRESHOLD = 0.12
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ def stats(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     threshold: float = THRESHOLD,
+    close: float | None = None,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     chunk: int = STATS_CHUNK,
@@ -82,6 +88,9 @@ def stats(
     """
     if not (threshold > 0 and math.isfinite(threshold)):
         raise ShadowgraftError(f"--threshold must be a positive number, got {threshold}")
+    close = min(CLOSE, threshold) if close is None else close
+    if not (0 < close <= threshold and math.isfinite(close)):
+        raise ShadowgraftError(f"--close must be a positive number no larger than --threshold ({threshold}), got {close}")
     if chunk < 1:
         raise ShadowgraftError(f"chunk must be at least 1 element, got {chunk}")
     with ExitStack() as stack:
@@ -105,7 +114,7 @@ def stats(
     rows = [_row(p, s, d) for p, (s, d) in zip(m.pairs, measured)]
     return Report(
         a=cka.source, b=ckb.source, tuned=ckt.source if ckt is not None else None,
-        summary=summarize(rows, threshold=threshold, tuned=ckt is not None),
+        summary=summarize(rows, threshold=threshold, close=close, tuned=ckt is not None),
         tensors=rows, layers=group_rows(rows, by="layer"), modules=group_rows(rows, by="module"),
         only_in_a=m.only_a, only_in_b=m.only_b, mismatched=m.mismatched, skipped=m.skipped,
         tuned_missing=m.tuned_missing, seconds=seconds, bytes_read=total,
@@ -336,7 +345,14 @@ def _weighted(rows: list[TensorRow]) -> float:
     return sum(r.sigma * r.numel for r in rows) / n if n else math.nan
 
 
-def summarize(rows: list[TensorRow], *, threshold: float = THRESHOLD, tuned: bool = False) -> Summary:
+def band_of(sigma: float, *, close: float = CLOSE, threshold: float = THRESHOLD) -> str:
+    """``close`` (graft with alpha 1), ``graftable`` (graft, try an alpha grid) or ``divergent``; ``unknown`` for NaN."""
+    if not math.isfinite(sigma):
+        return "unknown"
+    return "close" if sigma < close else "graftable" if sigma < threshold else "divergent"
+
+
+def summarize(rows: list[TensorRow], *, threshold: float = THRESHOLD, close: float = CLOSE, tuned: bool = False) -> Summary:
     """The paper's statistics of sigma over block tensors (all tensors when none has a block index), and a verdict."""
     block = [r for r in rows if r.layer is not None]
     basis = "block" if block else "all"
@@ -354,7 +370,8 @@ def summarize(rows: list[TensorRow], *, threshold: float = THRESHOLD, tuned: boo
         numel=s.numel, rel_l2=s.rel_l2 if not s.nonfinite else math.nan,
         cosine=s.cosine if not s.nonfinite else math.nan, identical=s.identical,
         n_nonfinite=sum(1 for r in rows if r.sums.nonfinite), threshold=threshold,
-        graftable=bool(mean < threshold), verdict="",
+        graftable=bool(mean < threshold), verdict="", close=close,
+        band=band_of(mean, close=close, threshold=threshold),
         delta_ratio=d.ratio if tuned and d else None, delta_cosine=d.cosine if tuned and d else None,
     )
     return summary.with_verdict(verdict(summary, rows))
@@ -374,12 +391,18 @@ def verdict(s: Summary, rows: list[TensorRow], k: int = 3) -> str:
     if mods:
         where.append("modules " + ", ".join(f"{g.key} ({g.sigma_mean:.4f})" for g in mods))
     most = f"; most divergent: {'; '.join(where)}" if where else ""
-    if s.graftable:
-        over = [g for g in group_rows(rows, by="layer") if _nz(g.sigma_mean) >= s.threshold]
-        warn = f"; but {len(over)} layer(s) are over it" if over else ""
-        head = f"graftable: {what} {s.sigma_mean:.4f} is under the {s.threshold:g} threshold{warn}"
+    over = [g for g in group_rows(rows, by="layer") if _nz(g.sigma_mean) >= s.threshold]
+    warn = f"; but {len(over)} layer(s) are over {s.threshold:g}" if over else ""
+    if s.band == "close":
+        head = (f"graftable: {what} {s.sigma_mean:.4f} is under {s.close:g}, close siblings "
+                f"(Llama-3.1-8B base/instruct: about 0.016); graft with alpha = 1{warn}")
+    elif s.band == "graftable":
+        head = (f"graftable, try an alpha grid: {what} {s.sigma_mean:.4f} is between {s.close:g} and {s.threshold:g}, "
+                f"the range of the pairs the paper grafts (Qwen3-4B Base vs Instruct-2507: 0.0562); "
+                f"compare e.g. --alpha 0.5,0.75,1.0{warn}")
     else:
-        head = f"not advisable: {what} {s.sigma_mean:.4f} is over the {s.threshold:g} threshold, grafting is risky"
+        head = (f"not advisable: {what} {s.sigma_mean:.4f} is over {s.threshold:g}: the weights diverge, "
+                "these are likely not base and instruct of one release")
     if s.n_nonfinite:
         head += f" ({s.n_nonfinite} tensor(s) with NaN/Inf left out)"
     return head + most

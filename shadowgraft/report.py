@@ -111,6 +111,8 @@ class Summary:
     verdict: str
     delta_ratio: float | None = None  # ||T-A|| / ||B-A|| over the basis tensors
     delta_cosine: float | None = None
+    close: float = 0.03  # under it: close siblings (the default of ``compare.CLOSE``)
+    band: str = "unknown"  # close | graftable | divergent | unknown
 
     def with_verdict(self, text: str) -> "Summary":
         return replace(self, verdict=text)
@@ -316,7 +318,7 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
     if s.n_nonfinite:
         bad = [x.name for x in r.tensors if x.sums.nonfinite]
         con.print(f"[yellow]NaN/Inf values[/] in {s.n_nonfinite} tensor(s): {_names(bad)}")
-    color = "green" if s.graftable else "red"
+    color = {"close": "green", "graftable": "yellow"}.get(s.band, "red")
     con.print(f"[bold {color}]verdict[/]: {s.verdict}")
 
 
@@ -357,7 +359,8 @@ def _plot(r: Report, path: Path) -> Path:
         ax.plot([k for k, _ in pts], [sum(v) / len(v) for _, v in pts], marker=".", linewidth=1, label=kind)
     if r.layers:
         ax.plot([g.key for g in r.layers], [g.sigma_mean for g in r.layers], color="black", linewidth=2.5, label="layer mean")
-    ax.axhline(r.summary.threshold, color="red", linestyle="--", linewidth=1, label=f"threshold {r.summary.threshold:g}")
+    ax.axhline(r.summary.close, color="green", linestyle=":", linewidth=1, label=f"close siblings under {r.summary.close:g}")
+    ax.axhline(r.summary.threshold, color="red", linestyle="--", linewidth=1, label=f"diverging over {r.summary.threshold:g}")
     ax.set_ylabel("sigma = sum|A-B| / (sum|A|+sum|B|)")
     ax.set_title(f"{r.a} vs {r.b}: sigma_mean {fmt(r.summary.sigma_mean)}", fontsize="medium")
     ax.legend(fontsize="small", ncol=2)

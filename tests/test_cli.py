@@ -78,3 +78,14 @@ def test_demo_runs(tmp_path, capsys):
     code, out, err = run_cli(capsys, "demo", "--workdir", tmp_path / "d")
     assert code == 0, err
     assert "tensors grafted" in out and (tmp_path / "d" / "grafted" / "shadowgraft.json").exists()
+
+
+def test_dry_run_shows_each_tensors_alpha(tmp_path, trio, capsys):
+    import re
+
+    code, out, err = run_cli(capsys, *_apply(trio, tmp_path / "o", "--dry-run", "--alpha", "0.5", "--alpha-for", "mlp=0.25",
+                                             "--include", r"layers\.0\.mlp\.up"))
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if "graft" in line and "layers" in line]
+    assert len(rows) == 1 and re.search(r"graft\s+│\s+0\.25\s+│", rows[0])
+    assert "plan (alpha 0.5)" in out

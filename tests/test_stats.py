@@ -265,3 +265,30 @@ def test_api_reexport_and_report_types(trio):
     r = shadowgraft.stats(trio["base"], trio["instruct"])
     assert isinstance(r.summary.sigma_mean, float) and math.isfinite(r.summary.sigma_mean)
     assert r.to_dict()["summary"]["n_tensors"] == r.summary.n_tensors
+
+
+def test_verdict_bands_rest_on_published_sigmas():
+    from shadowgraft.compare import band_of
+
+    assert band_of(0.016) == "close"  # Llama-3.1-8B base vs instruct
+    assert band_of(0.0562) == "graftable"  # Qwen3-4B-Base vs Instruct-2507, a pair the paper grafts
+    assert band_of(0.2) == "divergent" and band_of(math.nan) == "unknown"
+    assert band_of(0.0562, close=0.06) == "close" and band_of(0.0562, threshold=0.05, close=0.01) == "divergent"
+
+
+@pytest.mark.parametrize("gap, band, head", [(0.02, "close", "graftable: sigma_mean"),
+                                             (0.2, "graftable", "graftable, try an alpha grid: sigma_mean"),
+                                             (0.8, "divergent", "not advisable: sigma_mean")])
+def test_verdict_band_of_real_pairs(tmp_path, gap, band, head, capsys):
+    trio = make_trio(tmp_path, shape=Shape(layers=2, hidden=64, intermediate=96, vocab=128), gap=gap)
+    r = stats(trio["base"], trio["instruct"])
+    sig = statistics.fmean(official(load(trio["base"]), load(trio["instruct"])))
+    assert r.summary.sigma_mean == pytest.approx(sig, rel=1e-6)
+    want = "close" if sig < 0.03 else "graftable" if sig < 0.12 else "divergent"
+    assert r.summary.band == band == want
+    assert r.summary.verdict.startswith(head) and r.summary.graftable == (band != "divergent")
+    main(["stats", str(trio["base"]), str(trio["instruct"]), "--json", "-", "--quiet"])
+    d = json.loads(capsys.readouterr().out)["summary"]
+    assert (d["band"], d["close"], d["threshold"]) == (band, 0.03, 0.12)
+    with pytest.raises(ShadowgraftError, match=r"--close must be a positive number no larger than --threshold \(0.12\), got 0.5"):
+        stats(trio["base"], trio["instruct"], close=0.5)

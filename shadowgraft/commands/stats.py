@@ -21,13 +21,17 @@ from ..errors import ShadowgraftError
               help="Table to print after the summary.")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),
               help="Also list the N tensors with the largest sigma (0: none; with --by tensor, 0 lists all).")
-@click.option("--threshold", default=0.05, show_default=True, type=float,
-              help="Graftable when sigma_mean is under this (the paper saw < 0.05 in all nine families).")
+@click.option("--threshold", default=0.12, show_default=True, type=float,
+              help="Over this sigma_mean the weights diverge: likely not base and instruct of one release "
+                   "(the pairs the paper grafts reach about 0.1).")
+@click.option("--close", default=None, type=float,
+              help="Under this sigma_mean (default 0.03) the two are close siblings: graft with alpha 1 (Llama-3.1-8B: about 0.016); "
+                   "between --close and --threshold, graft and try an alpha grid.")
 @selection_options(default="all", verb="compare")
 @click.option("--strict", is_flag=True, help="Fail if any compared tensor holds NaN or Inf values.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no tables; only the files asked for.")
 def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: str | None, plot_out: str | None,
-            by: str, top: int, threshold: float, scope: str, include: tuple, exclude: tuple, strict: bool,
+            by: str, top: int, threshold: float, close: float, scope: str, include: tuple, exclude: tuple, strict: bool,
             quiet: bool) -> None:
     """How far apart checkpoints A (base) and B (instruct) are: sigma per tensor, layer and module, and a verdict.
 
@@ -52,7 +56,7 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
 
     progress = (lambda n: bar.advance(task[0], n)) if bar is not None else None
     try:
-        report = stats(a, b, tuned=tuned, scope=scope, include=include, exclude=exclude, threshold=threshold,
+        report = stats(a, b, tuned=tuned, scope=scope, include=include, exclude=exclude, threshold=threshold, close=close,
                        progress=progress, on_start=on_start)
     finally:
         if bar is not None:
