@@ -9,7 +9,6 @@ not grow with the model the way a long-lived mmap would.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,11 +16,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ShadowgraftError
+from .files import PICKLE_SUFFIXES, locate
 from .header import Header, TensorInfo, read_header
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # org/name or name, optional @revision; what huggingface_hub accepts as a repo id.
 REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+(?:@[\w./-]+)?$")
 
@@ -31,9 +28,27 @@ _FILE_ENDINGS = (".safetensors", ".json", *PICKLE_SUFFIXES)
 
 
 def is_repo_spec(spec: str | os.PathLike) -> bool:
-    """Whether ``spec`` (that is not an existing path) reads as a Hub id, ``org/name[@revision]``."""
+    """Whether ``spec`` (that is not an existing path) reads as a Hub id, ``org/name[@revision]``.
+
+    ``ok/bsae`` where a local folder ``ok/`` exists is a mistyped local path, not a repo of the org "ok".
+    """
     return (isinstance(spec, str) and bool(REPO_ID.match(spec)) and not spec.startswith((".", "/", "~"))
-            and not spec.partition("@")[0].endswith(_FILE_ENDINGS))
+            and not spec.partition("@")[0].endswith(_FILE_ENDINGS) and not _local_parent(spec))
+
+
+def _local_parent(spec: str) -> Path | None:
+    parent = Path(spec.partition("@")[0]).parent
+    return parent if parent != Path(".") and parent.is_dir() else None
+
+
+def missing_path(spec: str | os.PathLike, what: str = "file or folder") -> FileNotFoundError:
+    """The error for a path that does not exist and is not read as a Hub id."""
+    text = os.fspath(spec)
+    parent = _local_parent(text) if isinstance(spec, str) else None
+    if parent is not None:
+        return FileNotFoundError(f"{text}: no such {what} in the local folder {parent}/ (so it is not read as a Hub "
+                                 "repo id); check the spelling")
+    return FileNotFoundError(f"{text}: no such {what} (and not a Hub repo id)")
 
 
 @dataclass
@@ -52,6 +67,7 @@ class Checkpoint:
     repo_id: str | None = None
     revision: str | None = None
     commit: str | None = None
+    notes: tuple[str, ...] = ()  # choices made while locating the files, worth telling the user
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
 
     # -- opening -----------------------------------------------------------
@@ -70,23 +86,13 @@ class Checkpoint:
             ck = cls._open_local(text, res.path)
             ck.repo_id, ck.revision, ck.commit = res.repo_id, res.revision, res.commit
             return ck
-        raise FileNotFoundError(f"{text}: no such file or folder (and not a Hub repo id)")
+        raise missing_path(spec)
 
     @classmethod
     def _open_local(cls, source: str, path: Path) -> "Checkpoint":
-        if path.is_dir():
-            root, files = path, _files_in_folder(path)
-        elif path.name.endswith(".json"):
-            root, files = path.parent, _files_from_index(path)
-        elif path.suffix == ".safetensors":
-            root, files = None, [path]
-        elif path.suffix in PICKLE_SUFFIXES:
-            raise _pickle_refusal(path)
-        else:
-            raise ShadowgraftError(f"{path}: not a .safetensors file, an index .json or a folder")
-        index = files if isinstance(files, dict) else None
-        paths = sorted(set(index.values())) if index else files
-        headers = [read_header(p) for p in paths]
+        layout = locate(path)
+        index = layout.index
+        headers = [_read(p) for p in layout.files]
         tensors: dict[str, TensorInfo] = {}
         for h in headers:
             for t in h.tensors:
@@ -98,7 +104,7 @@ class Checkpoint:
                 tensors[t.name] = t
         if index is not None:
             _check_index(source, index, tensors)
-        return cls(source=source, root=root, headers=headers, tensors=tensors)
+        return cls(source=source, root=layout.root, headers=headers, tensors=tensors, notes=layout.notes)
 
     # -- the map -----------------------------------------------------------
 
@@ -120,10 +126,6 @@ class Checkpoint:
     @property
     def files(self) -> list[Path]:
         return [h.file for h in self.headers]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
     def describe(self) -> dict:
         """Provenance: Hub id and resolved commit, or absolute local path; plus content fingerprints.
@@ -202,61 +204,11 @@ class Checkpoint:
         self.close()
 
 
-def _pickle_refusal(path: Path) -> ShadowgraftError:
-    return ShadowgraftError(
-        f"{path}: pickle checkpoints are never loaded (they can run code); convert it to safetensors first, "
-        "e.g. model.save_pretrained(out, safe_serialization=True)"
-    )
-
-
-def _files_in_folder(folder: Path):
-    if (folder / INDEX_NAME).is_file():
-        return _files_from_index(folder / INDEX_NAME)
-    if (folder / SINGLE_NAME).is_file():
-        return [folder / SINGLE_NAME]
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if len(indexes) == 1:
-        return _files_from_index(indexes[0])
-    shards = sorted(folder.glob("*.safetensors"))
-    if len(shards) == 1:
-        return shards
-    if len(shards) > 1:
-        names = ", ".join(p.name for p in shards[:4])
-        raise ShadowgraftError(f"{folder}: {len(shards)} .safetensors files ({names}) but no index; pass one file or add {INDEX_NAME}")
-    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise _pickle_refusal(pickles[0])
-    raise ShadowgraftError(f"{folder}: no .safetensors weights in this folder")
-
-
-def _files_from_index(index_path: Path) -> dict[str, Path]:
+def _read(path: Path) -> Header:
     try:
-        obj = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
-        raise ShadowgraftError(f"{index_path}: not valid JSON; re-download the index") from None
-    wmap = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
-        raise ShadowgraftError(f"{index_path}: no 'weight_map' of tensor name -> shard file; re-download the index")
-    folder = index_path.parent.resolve()
-    shards: dict[str, Path] = {}
-    for shard in set(wmap.values()):
-        p = Path(shard)
-        if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
-            raise ShadowgraftError(f"{index_path}: shard name '{shard}' leaves the checkpoint folder; refusing it")
-        full = index_path.parent / p
-        if not full.is_file():
-            raise ShadowgraftError(f"{index_path}: shard '{shard}' is missing; re-download the checkpoint")
-        if full.resolve().parent != folder and not _is_hub_blob(full, folder):
-            raise ShadowgraftError(f"{index_path}: shard '{shard}' is a link pointing outside the checkpoint folder; refusing it")
-        shards[shard] = full
-    return {name: shards[shard] for name, shard in wmap.items()}
-
-
-def _is_hub_blob(full: Path, folder: Path) -> bool:
-    # Hub cache snapshots hold symlinks into ../../blobs of the same repo cache.
-    target = full.resolve()
-    repo = folder.parent.parent
-    return folder.parent.name == "snapshots" and target.parent == repo / "blobs"
+        return read_header(path)
+    except OSError as e:  # e.g. no read permission: say so without the raw errno text
+        raise ShadowgraftError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); check its permissions") from None
 
 
 def _check_index(source: str, index: dict[str, Path], tensors: dict[str, TensorInfo]) -> None:

@@ -31,7 +31,8 @@ from .errors import ShadowgraftError
 from .header import FLOAT_DTYPES
 from .naming import module_kind
 from .plan import Item, Plan, parse_size, plan_shards, select
-from .writer import OutputDir, check_written, write_index
+from .verify import check_written
+from .writer import OutputDir, write_index
 
 DEFAULT_SHARD = "5GB"
 
@@ -71,8 +72,9 @@ def diff(
 ) -> DiffResult:
     """Write ``tuned - base`` to ``output``: the full delta, or with ``rank`` / ``energy`` a PEFT LoRA adapter.
 
-    >>> shadowgraft.diff(base="./base", tuned="./tuned", output="./delta")                  # doctest: +SKIP
-    >>> shadowgraft.diff(base="./base", tuned="./tuned", output="./shadow-lora", rank=64)    # doctest: +SKIP
+    >>> from shadowgraft.diff import diff
+    >>> diff(base="./base", tuned="./tuned", output="./delta")                  # doctest: +SKIP
+    >>> diff(base="./base", tuned="./tuned", output="./shadow-lora", rank=64)    # doctest: +SKIP
     """
     from .graft import pick_device
 
@@ -86,7 +88,7 @@ def diff(
         raise ShadowgraftError(f"--dtype {dtype} is not a float type; use auto, float64, float32, bfloat16 or float16")
     # SVD is real compute, so auto picks CUDA for it when there is one; a full delta is I/O bound.
     dev = pick_device(device, matmul=lowrank)
-    outdir = OutputDir(Path(output), overwrite=overwrite)
+    outdir = OutputDir(output, overwrite=overwrite, inputs=(base, tuned))
     outdir.check()
     t0 = time.perf_counter()
     with ExitStack() as stack:

@@ -21,8 +21,8 @@ from .engine import Engine, Stats
 from .errors import ShadowgraftError
 from .mix import METHODS, Mix
 from .plan import Plan, parse_size, plan_graft
-from .verify import check_output, record_outputs
-from .writer import OutputDir, check_written, copy_side_files, write_index
+from .verify import check_written
+from .writer import OutputDir, check_output_path, copy_side_files, side_files, write_index
 
 
 @dataclass
@@ -123,6 +123,8 @@ def apply(
                            dtype=dtype, max_shard_size=max_shard_size)
     groups = [tuned_specs] if mix is not None and tuned is not None else [[t] for t in tuned_specs]
     many = len(groups) > 1
+    if not dry_run:
+        check_output_path(output, inputs=[instruct, base, *tuned_specs, delta, adapter])
     if (many or len(alphas) > 1) and not dry_run:
         root = Path(output)
         if root.exists() and not root.is_dir():
@@ -204,6 +206,7 @@ def _write(ins: Checkpoint, jobs: list[Job], *, dev: str, strict: bool, progress
     # Checkpoints are not hashable (a dataclass with mutable state); dedupe by identity.
     cks = list({id(c): c for j in jobs for x in j.inputs.values()
                 for c in ([x] if isinstance(x, Checkpoint) else getattr(x, "checkpoints", []))}.values())
+    side = side_files(ins.root)  # refused here, before a byte is written
     engine = Engine(cks, device=dev, progress=progress)
     t0 = time.perf_counter()
     failed: list[str] = []
@@ -229,13 +232,12 @@ def _write(ins: Checkpoint, jobs: list[Job], *, dev: str, strict: bool, progress
                         f"'{name}': {count} NaN/Inf value(s) after grafting ({len(job.stats.nonfinite)} tensor(s) affected); "
                         "check the inputs, or drop --strict to write them anyway")
                 write_index(tmp, job.plan.shards)
-                check_written(tmp, job.plan)
-                copy_side_files(ins.root, tmp)
+                outputs = check_written(tmp, job.plan)  # the cheap part of `shadowgraft verify`, each header read once
+                copy_side_files(side, tmp)
                 record = provenance(job, command=command, device=str(dev), extra=extra)
-                record["outputs"] = record_outputs(tmp)
+                record["outputs"] = outputs
                 (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
                 write_card(tmp, record, instruct_root=ins.root)
-                check_output(tmp)  # the cheap part of `shadowgraft verify`, before the rename
             except ShadowgraftError as e:
                 if len(jobs) == 1:
                     raise

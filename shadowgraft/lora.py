@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoint import Checkpoint, _pickle_refusal, is_repo_spec
+from .checkpoint import Checkpoint, is_repo_spec, missing_path
+from .files import pickle_refusal, regular_file
 from .errors import ShadowgraftError
 from .header import TensorInfo
 from .naming import module_kind
@@ -153,14 +154,14 @@ def open_adapter(spec: str | os.PathLike) -> Adapter:
             repo = hub.resolve(text, patterns=HUB_PATTERNS)
             path = repo.path
         else:
-            raise FileNotFoundError(f"{text}: no such adapter folder (and not a Hub repo id)")
+            raise missing_path(spec, "adapter folder")
     if not path.is_dir():
         raise ShadowgraftError(f"{path}: an adapter is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     config = _read_config(path)
     weights = path / WEIGHTS_NAME
-    if not weights.is_file():
+    if not os.path.lexists(weights):  # a FIFO or a link out is refused by Checkpoint.open, not taken for missing
         if (path / "adapter_model.bin").is_file():
-            raise _pickle_refusal(path / "adapter_model.bin")
+            raise pickle_refusal(path / "adapter_model.bin")
         raise ShadowgraftError(f"{path}: no {WEIGHTS_NAME}; save the adapter with PEFT's save_pretrained()")
     ck = Checkpoint.open(weights)
     try:
@@ -176,10 +177,11 @@ def open_adapter(spec: str | os.PathLike) -> Adapter:
 
 def _read_config(folder: Path) -> dict:
     f = folder / CONFIG_NAME
-    if not f.is_file():
+    if not os.path.lexists(f):
         if (folder / "shadowgraft.json").is_file() and '"kind": "delta"' in (folder / "shadowgraft.json").read_text():
             raise ShadowgraftError(f"{folder}: a full delta written by shadowgraft diff, not an adapter; pass it with --delta")
         raise ShadowgraftError(f"{folder}: no {CONFIG_NAME}; this is not a PEFT adapter folder")
+    regular_file(f, folder)  # before reading: a FIFO would block, a link could point anywhere
     try:
         c = json.loads(f.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError):

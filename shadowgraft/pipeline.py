@@ -51,7 +51,9 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
     from .train.loop import DONE_NAME, train
     from .train.model import require_extra
     from .train.state import latest
+    from .writer import check_output_path
 
+    check_output_path(output, inputs=[base, instruct, data])
     out = Path(output)
     stages = out / "stages"
     say = console.print if console is not None else (lambda *a, **k: None)

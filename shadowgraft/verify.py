@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import (INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, _files_from_index, _files_in_folder, _pickle_refusal,
-                         is_repo_spec)
+from .checkpoint import Checkpoint, is_repo_spec
 from .errors import ShadowgraftError
+from .files import Layout, file_problem, foreign_entries, locate
 from .header import DTYPE_BITS, Header, TensorInfo, read_header
 
 RECORD_NAME = "shadowgraft.json"
@@ -55,7 +55,8 @@ def verify(
 ) -> VerifyReport:
     """Validate a checkpoint folder (or one ``.safetensors`` file, an index file, or a Hub id).
 
-    Cheap checks: every header (see ``header.py``), no bytes outside tensors,
+    Cheap checks: every file is a regular file inside the folder (see
+    ``files.py``), every header (see ``header.py``), no bytes outside tensors,
     the safetensors library itself accepts each file, no tensor stored twice,
     the index and the files agree, and ``shadowgraft.json`` (when present)
     matches the names, sizes and header hashes of what is there. ``full``
@@ -78,45 +79,26 @@ def verify(
         path = hub.resolve(spec).path
     tick = progress or (lambda n: None)
     try:
-        files, index, index_path = _locate(path)
+        layout = locate(path)
     except ShadowgraftError as e:
         return VerifyReport(path, (), 0, 0, (str(e),))
-    problems: list[str] = []
-    warnings: list[str] = []
-    headers: list[Header] = []
-    odd: set[Path] = set()  # files already reported: later checks skip them, one cause, one line
-    for f in files:
-        try:
-            h = read_header(f)
-        except ShadowgraftError as e:
-            problems.append(str(e))
-            continue
-        except OSError as e:
-            problems.append(f"{f}: cannot be read ({e.strerror or e})")
-            continue
-        problem = _layout_problem(h) or _library_problem(h)
-        if problem:
-            problems.append(problem)
-            odd.add(f)
-        headers.append(h)
-    tensors = _merge(path, headers, problems)
-    bad_files = set(files) - {h.file for h in headers}
-    if index is not None:
-        held = {h.file: {t.name for t in h.tensors} for h in headers}
-        _check_index(index, index_path, tensors, held, bad_files, problems, warnings)
-    if path.is_dir() and (path / RECORD_NAME).is_file():
-        _check_record(path, headers, tensors, bad_files, odd, problems, warnings)
+    seen = _Seen.read(path, layout)
+    problems, warnings = seen.problems, [*layout.notes, *seen.warnings]
+    if path.is_dir():
+        problems += foreign_entries(path)
+        if os.path.lexists(path / RECORD_NAME) and file_problem(path / RECORD_NAME, path) is None:
+            _check_record(path, seen.headers, seen.tensors, seen.bad_files, seen.odd, problems, warnings)
     nonfinite: dict[str, int] = {}
     if full:
-        nonfinite = _scan_values(path, headers, problems, tick)
+        nonfinite = _scan_values(path, seen.headers, problems, tick)
     sums: dict[str, str] = {}
     if hash_files:
-        sums = _hash_files(headers, problems, tick)
+        sums = _hash_files(seen.headers, problems, tick)
     return VerifyReport(
         path=path,
-        files=tuple(f.name for f in files),
-        n_tensors=len(tensors),
-        nbytes=sum(t.nbytes for t in tensors.values()),
+        files=tuple(f.name for f in layout.files),
+        n_tensors=len(seen.tensors),
+        nbytes=sum(t.nbytes for t in seen.tensors.values()),
         problems=tuple(problems),
         warnings=tuple(warnings),
         nonfinite=nonfinite,
@@ -125,53 +107,81 @@ def verify(
     )
 
 
-def record_outputs(folder: Path) -> dict[str, dict]:
-    """What ``shadowgraft.json`` records about the weight files just written into ``folder``.
+def check_written(folder: Path, plan, *, what: str = "checkpoint") -> dict[str, dict]:
+    """The cheap checks of ``verify`` on a folder shadowgraft just wrote, reading each header once.
+
+    Raises on the first problem, or when the tensors differ from ``plan``'s;
+    returns what ``shadowgraft.json`` records as ``outputs``, built from the
+    same headers. Run it once the weights and the index are written.
+
+    >>> check_written(tmp, plan)                       # doctest: +SKIP
+    {'model.safetensors': {'size': 1032, 'header_sha256': '9f2c...'}}
+    """
+    try:
+        layout = locate(folder)
+    except ShadowgraftError as e:
+        raise ShadowgraftError(f"the written {what} fails verification, so it was not kept: {e}") from None
+    seen = _Seen.read(folder, layout)
+    problems = seen.problems + foreign_entries(folder)
+    if problems:
+        raise ShadowgraftError(f"the written {what} fails verification, so it was not kept: {problems[0]}")
+    if {t.name: (t.dtype, t.shape) for t in seen.tensors.values()} != {i.name: (i.dtype, i.shape) for i in plan.items}:
+        raise ShadowgraftError(f"{folder}: written {what} does not match the plan; this is a bug, please report it")
+    return record_outputs(seen.headers, layout.index_path)
+
+
+def record_outputs(headers: list[Header], index_path: Path | None) -> dict[str, dict]:
+    """What ``shadowgraft.json`` records about the weight files: from headers already read, no file reopened.
 
     Shards get their size and header sha256: both come free with reading the
     header back, and together they catch a truncated, replaced or re-saved
     shard. A full sha256 would cost one more read of the whole output, so it is
     left to ``shadowgraft verify --hash``. The small index gets a full sha256.
-
-    >>> record_outputs(Path("out"))                    # doctest: +SKIP
-    {'model.safetensors': {'size': 1032, 'header_sha256': '9f2c...'}}
     """
-    out: dict[str, dict] = {}
-    for p in sorted(Path(folder).iterdir()):
-        if p.name.endswith(".safetensors"):
-            out[p.name] = {"size": p.stat().st_size, "header_sha256": read_header(p).sha256}
-        elif p.name.endswith(".safetensors.index.json"):
-            out[p.name] = {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-    return out
+    out = {h.file.name: {"size": h.file.stat().st_size, "header_sha256": h.sha256} for h in headers}
+    if index_path is not None:
+        raw = index_path.read_bytes()
+        out[index_path.name] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    return dict(sorted(out.items()))
 
 
-def check_output(folder: Path) -> None:
-    """The cheap checks on a folder shadowgraft just wrote; raise on the first problem."""
-    report = verify(folder, full=False)
-    if report.problems:
-        raise ShadowgraftError(f"the written checkpoint fails verification, so it was not kept: {report.problems[0]}")
+@dataclass
+class _Seen:
+    """Each header of a checkpoint read once, with what the header-level checks found."""
 
+    headers: list[Header]
+    tensors: dict[str, TensorInfo]
+    problems: list[str]
+    warnings: list[str]
+    bad_files: set[Path]  # files whose header could not be read
+    odd: set[Path]  # files already reported: later checks skip them, one cause, one line
 
-# -- locating the files ---------------------------------------------------
-
-
-def _locate(path: Path) -> tuple[list[Path], dict[str, Path] | None, Path | None]:
-    if path.is_dir():
-        found = _files_in_folder(path)
-        if isinstance(found, dict):
-            ip = path / INDEX_NAME
-            if not ip.is_file():
-                ip = next(iter(sorted(path.glob("*.safetensors.index.json"))))
-            return sorted(set(found.values())), found, ip
-        return list(found), None, None
-    if path.name.endswith(".json"):
-        found = _files_from_index(path)
-        return sorted(set(found.values())), found, path
-    if path.suffix in PICKLE_SUFFIXES:
-        raise _pickle_refusal(path)
-    if path.suffix != ".safetensors":
-        raise ShadowgraftError(f"{path}: not a .safetensors file, an index .json or a folder")
-    return [path], None, None
+    @classmethod
+    def read(cls, path: Path, layout: Layout) -> "_Seen":
+        problems: list[str] = []
+        warnings: list[str] = []
+        headers: list[Header] = []
+        odd: set[Path] = set()
+        for f in layout.files:
+            try:
+                h = read_header(f)
+            except ShadowgraftError as e:
+                problems.append(str(e))
+                continue
+            except OSError as e:
+                problems.append(f"{f}: cannot be read ({e.strerror or type(e).__name__}); check its permissions")
+                continue
+            problem = _layout_problem(h) or _library_problem(h)
+            if problem:
+                problems.append(problem)
+                odd.add(f)
+            headers.append(h)
+        tensors = _merge(path, headers, problems)
+        bad_files = set(layout.files) - {h.file for h in headers}
+        if layout.index is not None:
+            held = {h.file: {t.name for t in h.tensors} for h in headers}
+            _check_index(layout.index, layout.index_path, tensors, held, bad_files, problems, warnings)
+        return cls(headers, tensors, problems, warnings, bad_files, odd)
 
 
 # -- structure ------------------------------------------------------------
@@ -292,8 +302,10 @@ def _output_problem(folder: Path, fname: str, want, by_name: dict[str, Header]) 
     if not isinstance(want, dict) or p.is_absolute() or len(p.parts) != 1 or p.name in ("..", "."):
         return f"{folder / RECORD_NAME}: output entry '{fname}' is malformed"
     full = folder / p
-    if not full.is_file():
+    if not os.path.lexists(full):
         return f"{full}: recorded in {RECORD_NAME} but missing"
+    if file_problem(full, folder):
+        return None  # reported once, by foreign_entries
     size = full.stat().st_size
     if want.get("size") is not None and size != want["size"]:
         return f"{full}: {size} bytes but {RECORD_NAME} recorded {want['size']}; the file changed after shadowgraft wrote it"

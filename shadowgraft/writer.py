@@ -3,7 +3,9 @@
 Everything goes into a sibling temporary folder; the final name appears only
 through one ``rename`` once the folder is complete, so a reader never sees a
 half-written model, whatever happens to this process. An existing folder is
-replaced only after the new one is complete.
+replaced only after the new one is complete, and only when it is empty or
+an earlier output of the same kind (``check_output_path`` and ``OutputDir``
+hold the rules of where an output may go).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ShadowgraftError
+from .files import regular_file
 from .plan import Shard
 
 # Weights of any framework and files we write ourselves are not copied from instruct.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx", ".ot")
 INDEX_FILE = "model.safetensors.index.json"
 _SKIP_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", "shadowgraft.json", ".gitattributes"}
+RECORD_NAME = "shadowgraft.json"  # what every apply and diff output holds: the mark of a folder --overwrite may replace
 
 
 def shard_header(shard: Shard, metadata: dict[str, str] | None = None) -> bytes:
@@ -54,25 +58,81 @@ def write_index(folder: Path, shards) -> str | None:
     return INDEX_FILE
 
 
-def check_written(folder: Path, plan, *, what: str = "checkpoint") -> None:
-    """Re-open what was written the way a user will, and compare its tensors with the plan."""
-    from .checkpoint import Checkpoint
+def side_files(src: Path | None) -> list[Path]:
+    """The config, tokenizer, chat template and other small non-weight files of ``src`` that an output copies.
 
-    with Checkpoint.open(folder) as ck:
-        if {t.name: (t.dtype, t.shape) for t in ck} != {i.name: (i.dtype, i.shape) for i in plan.items}:
-            raise ShadowgraftError(f"{folder}: written {what} does not match the plan; this is a bug, please report it")
-
-
-def copy_side_files(src: Path | None, dst: Path) -> list[str]:
-    """Copy config, tokenizer, chat template and other small non-weight files; returns their names."""
+    Each must be a regular file inside ``src`` (or a Hub-cache blob of it,
+    see ``files.py``): a link out of the folder, a FIFO or a device refuses
+    the run in one line before anything opens it. Hidden files (``.env``,
+    ``.git``) and sub-folders are never copied. Call it before writing, so a
+    refusal costs nothing.
+    """
     if src is None:
         return []
-    copied = []
+    found = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and p.name not in _SKIP_NAMES and not p.name.endswith(_SKIP_SUFFIXES):
-            shutil.copyfile(p, dst / p.name)
-            copied.append(p.name)
-    return copied
+        if p.name.startswith(".") or p.name in _SKIP_NAMES or p.name.endswith(_SKIP_SUFFIXES):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            continue
+        found.append(regular_file(p, src))
+    return found
+
+
+def copy_side_files(files: list[Path], dst: Path) -> list[str]:
+    """Copy ``files`` (from ``side_files``) into ``dst``; returns their names."""
+    for p in files:
+        shutil.copyfile(p, dst / p.name)
+    return [p.name for p in files]
+
+
+def check_output_path(output: str | os.PathLike, *, inputs=()) -> Path:
+    """Refuse an output that would replace or enter an input, the current folder, ``/`` or the home folder.
+
+    An output "enters" an input when it equals it, holds it, or lies inside
+    an input folder; links are resolved before comparing. ``inputs`` are the
+    specs the user gave (folders, files, Hub ids; those that are no local
+    path are skipped). Returns the output as an absolute path. The same rule
+    holds with or without ``--overwrite``.
+
+    >>> check_output_path("", inputs=["./instruct"])            # doctest: +SKIP
+    ShadowgraftError: the output path is empty (an unset variable?); name a new folder with --output
+    """
+    text = os.fspath(output)
+    if not text.strip():
+        raise ShadowgraftError("the output path is empty (an unset variable?); name a new folder with --output")
+    final = Path(os.path.realpath(Path(text).expanduser()))
+    if final == Path(final.anchor):
+        raise ShadowgraftError(f"{text}: is the root folder /; choose a new folder with --output")
+    places = [(Path(os.path.realpath(p)), what) for p, what in ((os.getcwd(), "the current folder"), (Path.home(), "your home folder"))]
+    for place, what in sorted(places, key=lambda pw: pw[0] != final):  # "is" says more than "holds"
+        if place.is_relative_to(final):
+            how = "is" if place == final else "holds"
+            raise ShadowgraftError(f"{text}: {how} {what}, which an output would replace; choose a new folder with --output")
+    for spec in inputs:
+        if spec is None:
+            continue
+        path = Path(os.fspath(spec)).expanduser()
+        if not os.path.lexists(path):
+            continue  # a Hub id: its files live in the Hub cache
+        real = Path(os.path.realpath(path))
+        if real.is_relative_to(final):
+            how = "is" if real == final else "holds"
+            raise ShadowgraftError(f"{text}: {how} the input {os.fspath(spec)}, which an output would replace; "
+                                   "choose a new folder with --output")
+        folder = real if real.is_dir() else real.parent if real.suffix == ".json" or real.name.startswith("adapter_") else None
+        if folder is not None and final.is_relative_to(folder):
+            raise ShadowgraftError(f"{text}: lies inside the input folder {os.fspath(spec)}; "
+                                   "choose an --output outside every input")
+    return final
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
 
 
 @contextmanager
@@ -104,42 +164,70 @@ class OutputDir:
     ...     (tmp / "model.safetensors").write_bytes(data)
     """
 
-    def __init__(self, final: Path, *, overwrite: bool = False):
+    def __init__(self, final: str | os.PathLike, *, overwrite: bool = False, inputs=(), marker: str = RECORD_NAME):
+        self.spec = os.fspath(final)  # as given: an empty path must not turn into "."
         self.final = Path(final).absolute()
         self.overwrite = overwrite
+        self.inputs = tuple(inputs)
+        self.marker = marker  # the file an earlier output of this kind holds
         self.tmp = self.final.parent / f".{self.final.name}.shadowgraft-tmp-{os.getpid()}"
         self._lock_fd: int | None = None
 
     def check(self) -> None:
         """Fail early if the output cannot be created (call before expensive work)."""
+        check_output_path(self.spec, inputs=self.inputs)
         if self.final.exists() and not self.overwrite:
             raise ShadowgraftError(f"{self.final}: already exists; pass --overwrite to replace it")
         if self.final.exists() and not self.final.is_dir():
             raise ShadowgraftError(f"{self.final}: exists and is not a folder; remove it or choose another --output")
+        if self.final.exists():
+            self._check_replaceable()
         parent = self.final.parent
         if not parent.is_dir():
             raise FileNotFoundError(f"{parent}: output's parent folder does not exist; create it first")
+
+    def _check_replaceable(self) -> None:
+        # --overwrite replaces what shadowgraft made, never a folder of the user's.
+        names = sorted(p.name for p in self.final.iterdir())
+        if names and not (self.final / self.marker).is_file():
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            raise ShadowgraftError(
+                f"{self.final}: holds {shown} but no {self.marker}, so it is not an earlier shadowgraft output and "
+                "--overwrite will not replace it; choose another --output, or empty or remove it yourself"
+            )
 
     def check_space(self, nbytes: int) -> None:
         free = shutil.disk_usage(self.final.parent).free
         if nbytes > free:
             raise ShadowgraftError(
-                f"{self.final.parent}: needs {nbytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free; free some space or choose another --output"
+                f"{self.final.parent}: the output needs {_size(nbytes)} but only {_size(free)} is free there; "
+                "free some space or choose another --output"
             )
 
     def __enter__(self) -> Path:
         self.check()
         # Ctrl-C between taking the lock and returning would skip __exit__ and leave debris.
         with signals_deferred():
-            self._lock()
+            try:
+                self._lock()
+            except OSError as e:
+                raise self._cannot("create the output there", e) from None
             try:
                 self._clean_stale()
                 self.check()
                 self.tmp.mkdir()
+            except OSError as e:
+                self._unlock()
+                raise self._cannot("create the output there", e) from None
             except BaseException:
                 self._unlock()
                 raise
         return self.tmp
+
+    def _cannot(self, what: str, e: OSError) -> ShadowgraftError:
+        # The user's words, not the errno text naming our lock or temporary folder.
+        return ShadowgraftError(f"{self.final}: cannot {what} ({e.strerror or type(e).__name__}); "
+                                f"check the permissions of {self.final.parent} or choose another --output")
 
     def _lock(self) -> None:
         lock = self.final.parent / f".{self.final.name}.shadowgraft-lock"
@@ -190,24 +278,35 @@ class OutputDir:
                 self._unlock()
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise ShadowgraftError(f"{self.final}: disk full while writing ({os.strerror(exc.errno)}); nothing was left behind, free space and retry") from exc
+        if isinstance(exc, OSError) and str(self.tmp) in f"{exc.filename}{exc.filename2}":
+            raise ShadowgraftError(f"{self.final}: writing failed ({exc.strerror or type(exc).__name__}); "
+                                   "nothing was left behind") from exc
 
     def _commit(self) -> None:
         # No fsync: a killed process loses no page-cache data, and the rename
         # is the commit point. Durability against power loss is the OS's.
         old = None
         if self.final.exists():
-            if not self.overwrite:
+            try:
+                if not self.overwrite:
+                    raise ShadowgraftError(f"{self.final}: appeared while writing; pass --overwrite to replace it")
+                self._check_replaceable()  # again: it may have changed while we wrote
+            except BaseException:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-                raise ShadowgraftError(f"{self.final}: appeared while writing; pass --overwrite to replace it")
+                raise
             old = self.final.parent / f".{self.final.name}.shadowgraft-old-{os.getpid()}"
-            os.rename(self.final, old)
+            try:
+                os.rename(self.final, old)
+            except OSError as e:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise self._cannot("replace the existing folder", e) from None
         try:
             os.rename(self.tmp, self.final)
-        except OSError:
+        except OSError as e:
             if old is not None:
                 os.rename(old, self.final)
             shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
+            raise self._cannot("put the output in place", e) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -101,3 +101,74 @@ def test_a_missing_file_name_is_not_taken_for_a_hub_repo(tmp_path, monkeypatch):
     for name in ("model.safetensors", "org/model.safetensors", "model.safetensors.index.json", "adapter.bin"):
         with pytest.raises(FileNotFoundError, match="no such file or folder"):
             Checkpoint.open(name)
+
+
+def test_a_single_file_linking_out_of_its_folder_is_refused(tmp_path):
+    elsewhere = make_trio(tmp_path / "elsewhere", shape=Shape(layers=1))["base"] / "model.safetensors"
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(elsewhere)
+    with pytest.raises(ShadowgraftError, match=r"model.safetensors: is a link pointing outside the checkpoint folder"):
+        Checkpoint.open(folder)
+
+
+def test_a_fifo_in_place_of_a_shard_is_refused_without_opening_it(tmp_path):
+    import signal
+
+    folder = make_trio(tmp_path, shape=Shape(layers=1), shard_bytes=20_000)["base"]
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    shard.unlink()
+    os.mkfifo(shard)
+    before = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blocked opening the FIFO"))
+    signal.alarm(10)
+    try:
+        with pytest.raises(ShadowgraftError, match=rf"shard '{shard.name}' is a FIFO \(named pipe\), not a regular file"):
+            Checkpoint.open(folder)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def test_both_layouts_in_one_folder_read_what_transformers_loads(tmp_path):
+    """model.safetensors beside an index: transformers loads the single file, and so does Checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    trio = make_trio(tmp_path, shape=Shape(layers=1, hidden=32, intermediate=48, vocab=64), shard_bytes=8_000)
+    folder = trio["instruct"]
+    assert (folder / "model.safetensors.index.json").is_file()
+    single = load(trio["base"])  # other values than instruct's shards, so the two readings differ
+    save_file(single, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    name = "model.layers.0.mlp.up_proj.weight"
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert torch.equal(model.state_dict()[name], single[name])
+    with Checkpoint.open(folder) as ck:
+        assert ck.files == [folder / "model.safetensors"]
+        assert torch.equal(ck.view(name), single[name])
+        assert ck.notes and "reading model.safetensors, as transformers does" in ck.notes[0]
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    from shadowgraft import hub
+
+    (tmp_path / "ok").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "resolve", lambda *a, **k: pytest.fail("asked the Hub"))
+    with pytest.raises(FileNotFoundError) as e:
+        Checkpoint.open("ok/bsae")
+    assert str(e.value) == "ok/bsae: no such file or folder in the local folder ok/ (so it is not read as a Hub repo id); check the spelling"
+
+
+def test_an_unreadable_shard_is_one_line_without_errno_text(tmp_path, monkeypatch):
+    import builtins
+
+    folder = make_trio(tmp_path, shape=Shape(layers=1))["base"]
+    real = builtins.open
+
+    def denied(path, *a, **k):
+        if str(path).endswith(".safetensors"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(ShadowgraftError) as e:
+        Checkpoint.open(folder)
+    assert str(e.value) == f"{folder / 'model.safetensors'}: cannot be read (Permission denied); check its permissions"

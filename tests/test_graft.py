@@ -119,9 +119,11 @@ def test_dtype_override_casts_everything(tmp_path, trio):
 
 
 def test_existing_output_refused_then_overwritten(tmp_path, trio):
+    # An earlier output (it holds shadowgraft.json); a folder without that mark is never replaced (test_writer).
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
+    (out / "shadowgraft.json").write_text("{}")
     with pytest.raises(ShadowgraftError, match="already exists; pass --overwrite"):
         shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=out)
     assert (out / "keep.txt").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import pickle
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from shadowgraft.cli import main
 from shadowgraft.synthetic import Shape, make_trio
@@ -38,12 +40,17 @@ def good(tmp_path_factory):
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
     """The real CLI entry point, in process: exit status, stdout, stderr."""
     before = signal.getsignal(signal.SIGTERM)
+    # A command that opened a FIFO would block for ever: fail instead.
+    alarm = signal.signal(signal.SIGALRM, lambda *a: pytest.fail(f"blocked: {argv}"))
+    signal.alarm(120)
     try:
         main(argv)
         code = 0
     except SystemExit as e:
         code = e.code
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, alarm)
         signal.signal(signal.SIGTERM, before)
     cap = capsys.readouterr()
     return code, cap.out, cap.err
@@ -223,6 +230,21 @@ def symlink_escape(d):
     return f"shard '{f.name}' is a link pointing outside the checkpoint folder"
 
 
+def fifo_shard(d):
+    f = shards(d)[0]
+    f.unlink()
+    os.mkfifo(f)
+    return f"shard '{f.name}' is a FIFO (named pipe), not a regular file; refusing it"
+
+
+def single_file_links_out(d):
+    outside = d.parent / f"{d.name}-single"
+    outside.mkdir()
+    save_file({"w": torch.zeros(2)}, str(outside / "model.safetensors"))
+    (d / "model.safetensors").symlink_to(outside / "model.safetensors")
+    return "model.safetensors: is a link pointing outside the checkpoint folder"
+
+
 def stale_index(d):
     name = first_tensor(shards(d)[1])
     edit_index(d, lambda w: w.pop(name))
@@ -292,9 +314,9 @@ def hostile_tensor_name(d):
 CASES = [truncated, lying_header_length, header_length_over_cap, non_json_header, header_not_an_object,
          deeply_nested_header, offsets_past_end, overlapping_offsets, unknown_dtype, size_mismatch,
          metadata_not_strings, name_twice_in_header, index_missing_shard, index_missing_tensor,
-         index_path_traversal, index_absolute_path, symlink_escape, stale_index, index_not_json,
-         duplicate_across_shards, shards_without_index, pickle_only_folder, pickle_file, empty_folder,
-         wrong_path, not_a_safetensors_file, hostile_tensor_name]
+         index_path_traversal, index_absolute_path, symlink_escape, fifo_shard, single_file_links_out,
+         stale_index, index_not_json, duplicate_across_shards, shards_without_index, pickle_only_folder,
+         pickle_file, empty_folder, wrong_path, not_a_safetensors_file, hostile_tensor_name]
 
 
 def build(case, good, root: Path) -> tuple[Path, str]:

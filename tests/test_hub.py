@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -481,3 +483,21 @@ def test_verify_takes_a_hub_id_and_checks_blobs(hub_trio, cache, capsys):
     assert code == 1 and names[0] in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["verify", "org/not-there"], capsys)
     assert code == 1 and "org/not-there" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("what", ["environ", "fifo", "folder link"])
+def test_push_refuses_a_folder_holding_anything_but_its_own_regular_files(grafted, monkeypatch, what):
+    """An upload sends every file of the folder, following links: a link out would publish its target."""
+    fake = FakeHub(monkeypatch)
+    entry = grafted / {"environ": "added_tokens.json", "fifo": "notes", "folder link": "extra"}[what]
+    if what == "environ":
+        entry.symlink_to("/proc/self/environ")
+    elif what == "fifo":
+        os.mkfifo(entry)
+    else:
+        entry.symlink_to(Path.home())
+    want = {"environ": "is a link pointing outside the checkpoint folder", "fifo": r"is a FIFO \(named pipe\)",
+            "folder link": "is a link pointing outside the checkpoint folder"}[what]
+    with pytest.raises(ShadowgraftError, match=f"^not pushed: {re.escape(str(entry))}: {want}"):
+        hub.push(grafted, "me/graft")
+    assert fake.calls == []

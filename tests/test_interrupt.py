@@ -317,9 +317,14 @@ def test_not_enough_free_space_fails_before_writing(inputs, tmp_path, monkeypatc
     from shadowgraft import writer
 
     usage = sh.disk_usage(tmp_path)
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    with pytest.raises(ShadowgraftError, match=r": needs 0\.00 GB but only 0\.00 GB is free; free some space or choose another --output"):
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: usage._replace(free=999))
+    need = shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "out",
+                             dry_run=True).plan.nbytes
+    assert 1e3 <= need < 1e6  # real numbers in human units, never "needs 0.00 GB but only 0.00 GB"
+    with pytest.raises(ShadowgraftError) as e:
         shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "out")
+    assert str(e.value) == (f"{tmp_path}: the output needs {need / 1e3:.2f} KB but only 999 B is free there; "
+                            "free some space or choose another --output")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -133,3 +133,26 @@ def test_shadow_ft_checks_inputs_before_working(pair, tmp_path):
     assert str(e.value) == (f"{tmp_path / 'm'}: exists and is not a shadow-ft run folder (no stages/), so it is left "
                             "alone; choose another --output")
     assert (tmp_path / "m" / "config.json").exists()
+
+
+def test_output_never_replaces_an_input_even_with_overwrite(tmp_path):
+    from shadowgraft.train import TrainConfig
+    from shadowgraft.train.loop import _check_output
+
+    runs = tmp_path / "runs"
+    base, instruct = runs / "base", runs / "instruct"
+    for d in (base, instruct):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"messages": []}\n')
+    for output, why in ((instruct, "is the input"), (runs, "holds the input"), (base / "ft", "lies inside the input folder")):
+        with pytest.raises(ShadowgraftError, match=why):
+            shadow_ft(base=base, instruct=instruct, data=data, output=output, overwrite=True)
+        with pytest.raises(ShadowgraftError, match=why):
+            _check_output(TrainConfig(model=str(base), data=str(data), output=str(output), overwrite=True,
+                                      chat_template_from=str(instruct)))
+    with pytest.raises(ShadowgraftError, match="is the input"):
+        _check_output(TrainConfig(model=str(base), data=str(data), output=str(data), overwrite=True))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "data.jsonl", "runs", "runs/base", "runs/base/config.json", "runs/instruct", "runs/instruct/config.json"]

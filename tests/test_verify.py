@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import shadowgraft
 from shadowgraft import ShadowgraftError
 from shadowgraft.stream import CHUNK
 from shadowgraft.synthetic import Shape, make_trio
+from shadowgraft.header import read_header
 from shadowgraft.verify import record_outputs, verify
 
 from .conftest import load
@@ -58,7 +60,7 @@ def test_apply_records_size_and_header_hash_of_each_file(out):
         assert outputs[p.name] == {"size": len(raw), "header_sha256": hashlib.sha256(raw[: 8 + n]).hexdigest()}
     idx = (out / "model.safetensors.index.json").read_bytes()
     assert outputs["model.safetensors.index.json"] == {"size": len(idx), "sha256": hashlib.sha256(idx).hexdigest()}
-    assert record_outputs(out) == outputs
+    assert record_outputs([read_header(p) for p in shards(out)], out / "model.safetensors.index.json") == outputs
 
 
 def test_resaved_shard_is_caught_by_its_header_hash(out):
@@ -212,3 +214,53 @@ def test_nonfinite_count_matches_torch_isfinite(tmp_path, dtype):
     want = {n: int((~torch.isfinite(t)).sum()) for n, t in (("edge", edge), ("big", big))}
     assert want == {"edge": 4, "big": 3}
     assert verify(f).nonfinite == want
+
+
+def test_a_link_out_or_a_fifo_in_an_output_is_flagged_without_being_opened(out, capsys):
+    (out / "added_tokens.json").symlink_to("/proc/self/environ")
+    os.mkfifo(out / "special_tokens_map.json")
+    import signal
+
+    before = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blocked opening the FIFO"))
+    signal.alarm(20)
+    try:
+        code, _, err = run(["verify", str(out)], capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert code == 1
+    assert err.splitlines() == [
+        f"error: {out / 'added_tokens.json'}: is a link pointing outside the checkpoint folder (to /proc/{os.getpid()}/environ); "
+        "refusing it, put the file itself in the folder",
+        f"error: {out / 'special_tokens_map.json'}: is a FIFO (named pipe), not a regular file; refusing it, put the real file in its place",
+    ]
+
+
+def test_a_new_output_has_each_header_read_once(tmp_path, monkeypatch):
+    """The post-write check, the outputs record and the final check once read every header three times."""
+    from shadowgraft import checkpoint, header
+    from shadowgraft import verify as v
+
+    trio = make_trio(tmp_path / "in", shape=Shape(layers=2, hidden=32, intermediate=48, vocab=64), shard_bytes=16_000)
+    reads: list[str] = []
+    real = header.read_header
+
+    def counted(path):
+        reads.append(Path(path).name) if ".shadowgraft-tmp-" in str(path) or "/out/" in str(path) else None
+        return real(path)
+
+    for mod in (header, checkpoint, v):
+        monkeypatch.setattr(mod, "read_header", counted)
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "out")
+    written = sorted(p.name for p in shards(tmp_path / "out"))
+    assert len(written) > 1 and sorted(reads) == written
+
+
+def test_both_layouts_in_one_folder_is_a_warning(tmp_path):
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    save_file({"b": torch.zeros(2)}, str(tmp_path / "model-00001-of-00001.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"b": "model-00001-of-00001.safetensors"}}')
+    r = verify(tmp_path)
+    assert r.files == ("model.safetensors",) and r.problems == ()
+    assert r.warnings == (f"{tmp_path}: holds both model.safetensors and model.safetensors.index.json; reading "
+                          "model.safetensors, as transformers does (remove one of them to make the folder unambiguous)",)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import err, human, out, progress_bar, untrusted
+from ..cli import err, human, out, print_error, progress_bar, untrusted
 
 
 @click.command("verify")
@@ -21,7 +21,6 @@ def command(folder: str, quick: bool, hash_files: bool, quiet: bool) -> None:
 
     Exits 0 when all is well, 1 with one line per problem otherwise.
     """
-    from ..cli import print_error  # defined after the commands are registered
     from ..verify import verify
 
     bar = None if quick and not hash_files else progress_bar(quiet)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from ..errors import ShadowgraftError
+from ..writer import check_output_path
 from . import dist as D
 from . import state as S
 from .config import TrainConfig
@@ -83,6 +84,7 @@ def train(*, config: TrainConfig, console: Console | None = None) -> TrainResult
 
 def _check_output(cfg: TrainConfig) -> Path | None:
     """Check the output folder, changing nothing; returns the checkpoint to resume from (None for a fresh run)."""
+    check_output_path(cfg.output, inputs=[cfg.model, cfg.data, cfg.chat_template_from])
     out = Path(cfg.output)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output's parent folder does not exist; create it first")

@@ -64,7 +64,7 @@ def save(out: Path, *, step: int, model, optimizer, scheduler, d: Dist, extra: d
             if s["cuda"] is not None:
                 moments[f"rng::cuda::{r}"] = s["cuda"]
         checkpoints_dir(out).mkdir(parents=True, exist_ok=True)
-        with OutputDir(final, overwrite=True) as tmp:
+        with OutputDir(final, overwrite=True, marker="state.json") as tmp:
             save_tensors(tmp, weights, metadata={"format": "pt"})
             (tmp / "model.safetensors").rename(tmp / "trainable.safetensors")
             save_tensors(tmp, moments, metadata={"format": "pt"})
