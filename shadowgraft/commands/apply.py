@@ -44,10 +44,14 @@ def command(quiet: bool, **kw) -> None:
     bar = progress_bar(quiet)
     dry = kw["dry_run"]
 
+    seen: set = set()
+
     def on_plan(plan):
         if dry:
             print_plan(plan)
-        elif not quiet:
+        elif not quiet and (plan.warnings, plan.notes) not in seen:
+            # A grid's outputs share their warnings and notes: say them once.
+            seen.add((plan.warnings, plan.notes))
             print_notes(plan)
         if bar is not None and not dry:
             bar.start()
