@@ -22,9 +22,9 @@ from rich.console import Console
 from ..errors import ShadowgraftError
 from ..writer import check_output_path
 from . import dist as D
+from . import objective as O
 from . import state as S
 from .config import TrainConfig
-from . import objective as O
 from .data import sha256_file
 from .model import (load_model, load_tokenizer, packing_isolated, require_extra, require_packed_masks, save_adapter,
                     save_full, write_json)
