@@ -1,5 +1,8 @@
 """``shadowgraft shadow-ft``: data -> base fine-tuned -> grafted onto instruct -> (Hub), in one call.
 
+With ``objective="dpo"`` the training stage is preference tuning on BASE
+(the paper's DPO variant); the graft is the same.
+
 The run folder keeps every stage, so a failed later stage re-runs without
 re-training:
 
@@ -99,7 +102,8 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
 
     say(f"[bold]3/3[/] grafting onto {instruct} -> {out / 'model'}")
     record = {
-        "training": {"data": str(Path(data).absolute()), "data_sha256": data_sha, "base": str(base),
+        "training": {"objective": cfg.objective, "data": str(Path(data).absolute()), "data_sha256": data_sha,
+                     "base": str(base),
                      "examples": _examples(train_dir), "steps": result["steps"], "final_loss": result["loss"],
                      "hyperparameters": cfg.hyperparameters()},
         "similarity": {"a": str(base), "b": str(instruct), **{k: similarity[k] for k in

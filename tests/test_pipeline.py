@@ -156,3 +156,30 @@ def test_output_never_replaces_an_input_even_with_overwrite(tmp_path):
         _check_output(TrainConfig(model=str(base), data=str(data), output=str(data), overwrite=True))
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "data.jsonl", "runs", "runs/base", "runs/base/config.json", "runs/instruct", "runs/instruct/config.json"]
+
+
+def test_shadow_ft_dpo_grafts_the_preference_tuned_change(pair, tmp_path):
+    from .tiny_lm import pref_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", pref_rows(4))
+    out = tmp_path / "run"
+    main(["shadow-ft", "--objective", "dpo", "--beta", "0.2", "--base", str(pair["base"]), "--instruct",
+          str(pair["instruct"]), "--data", str(data), "--output", str(out), "--lr", "1e-3", "--batch-size", "4",
+          "--grad-accum", "1", "--max-steps", "4", "--no-gradient-checkpointing", "-q"])
+    train_dir, model_dir = out / "stages" / "train", out / "model"
+    rows = [json.loads(x) for x in (train_dir / "train_log.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6) and rows[-1]["reward_accuracy"] == 1.0
+    base, inst, tuned, got = (load(p) for p in (pair["base"], pair["instruct"], train_dir, model_dir))
+    grafted = [n for n in got if any(k in n for k in LINEAR)]
+    assert len(grafted) == 14
+    for n, y in got.items():
+        if n in grafted:
+            assert not torch.equal(tuned[n], base[n])
+            assert_exact(y, inst[n].double() + (tuned[n].double() - base[n].double()))
+        else:
+            assert torch.equal(y.view(torch.int16), inst[n].view(torch.int16)), n
+    tr = json.loads((model_dir / "shadowgraft.json").read_text())["training"]
+    assert tr["objective"] == "dpo" and tr["examples"] == 4
+    assert (tr["hyperparameters"]["objective"], tr["hyperparameters"]["beta"]) == ("dpo", 0.2)
+    card = (model_dir / "README.md").read_text()
+    assert "| objective | dpo |" in card and "| beta | 0.2 |" in card

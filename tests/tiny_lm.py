@@ -86,3 +86,11 @@ def pair(tmp_path_factory):
     p = tiny_pair(root)
     p["data"] = write_jsonl(root / "qa.jsonl", qa_rows() * 4)
     return p
+
+
+def pref_rows(n: int = 4) -> list[dict]:
+    """Preference pairs on the Q&A prompts: the right answer chosen, a wrong one rejected."""
+    rows = [("what is two plus two?", "four.", "five."), ("hello world", "how are you today?", "the lazy dog"),
+            ("the quick brown fox", "jumps over the lazy dog", "is brown"), ("add 3 and 4", "7", "8"),
+            ("what is 0 + 1?", "1", "0")]
+    return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows[:n]]

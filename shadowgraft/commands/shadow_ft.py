@@ -11,7 +11,7 @@ from .train import train_options
 @click.command("shadow-ft")
 @click.option("--base", required=True, help=f"The instruct model's base, which gets fine-tuned ({MODEL_HELP}).")
 @click.option("--instruct", required=True, help=f"The model that receives the learned change ({MODEL_HELP}).")
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL: chat, ShareGPT, Alpaca or text records.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL: chat, ShareGPT, Alpaca or text records; DPO: preference pairs.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
               help="Run folder: stages/ (stats, training) and model/ (the grafted instruct model).")
 @click.option("--alpha", default=1.0, show_default=True, type=float, help="Scale of the grafted change.")

@@ -12,6 +12,10 @@ from ..cli import MODEL_HELP, err, out
 def train_options(f):
     """The hyper-parameter flags shared by `train` and `shadow-ft` (defaults: the paper's recipe)."""
     opts = [
+        click.option("--objective", type=click.Choice(["sft", "dpo"]), default="sft", show_default=True,
+                     help="sft: learn the assistant replies; dpo: learn from prompt/chosen/rejected preference pairs."),
+        click.option("--beta", type=float, default=0.1, show_default=True,
+                     help="DPO: strength of the pull towards the starting model."),
         click.option("--lora-rank", type=int, help="Train a LoRA adapter of this rank instead of all weights."),
         click.option("--lora-alpha", type=float, help="LoRA scale numerator  [default: 2 x rank]"),
         click.option("--lora-dropout", type=float, default=0.0, show_default=True, help="Dropout on the LoRA input."),
@@ -41,7 +45,7 @@ def train_options(f):
 
 @click.command("train")
 @click.option("--model", required=True, help=f"Model to fine-tune, usually the BASE model ({MODEL_HELP}).")
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL: chat, ShareGPT, Alpaca or text records.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL: chat, ShareGPT, Alpaca or text records; DPO: preference pairs.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Run folder: weights, train_log.jsonl, checkpoints/.")
 @click.option("--chat-template-from", metavar="MODEL", help="Format conversations with this model's chat template (the INSTRUCT model).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest weights file of a full fine-tune.")

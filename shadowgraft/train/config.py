@@ -11,6 +11,7 @@ from ..errors import ShadowgraftError
 # a far smaller step than LoRA's freshly initialised low-rank factors.
 FULL_LR = 1e-5
 LORA_LR = 2e-4
+OBJECTIVES = ("sft", "dpo")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class TrainConfig:
     model: str
     data: str
     output: str
+    # sft: next-token loss on the assistant replies; dpo: preference pairs,
+    # the sigmoid loss against the starting model (the paper's DPO variant).
+    objective: str = "sft"
+    beta: float = 0.1  # DPO: how far the policy may move from the reference (larger: less)
     # The instruct model whose chat template formats the data, so base learns
     # in the very format instruct will be prompted with after the graft.
     chat_template_from: str | None = None
@@ -77,6 +82,12 @@ class TrainConfig:
         for flag, v in {"--lora-rank": self.lora_rank, "--max-steps": self.max_steps, "--save-every": self.save_every}.items():
             if v is not None and v < 1:
                 raise ShadowgraftError(f"{flag} must be at least 1, got {v}")
+        if self.objective not in OBJECTIVES:
+            raise ShadowgraftError(f"unknown --objective '{self.objective}'; use {' or '.join(OBJECTIVES)}")
+        if self.objective == "dpo" and not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ShadowgraftError(f"--beta must be a positive number, got {self.beta}")
+        if self.objective == "dpo" and self.packing:
+            raise ShadowgraftError("--packing is for --objective sft; DPO scores each chosen and rejected reply whole")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise ShadowgraftError(f"--epochs must be a positive number, got {self.epochs}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -100,4 +111,8 @@ class TrainConfig:
         d.update(lr=self.learning_rate, lora_alpha=self.alpha, method="lora" if self.is_lora else "full")
         if not self.is_lora:
             d.pop("lora_dropout")
+        if self.objective == "sft":
+            # Left out so runs recorded before DPO existed still compare equal (resume, shadow-ft reuse).
+            d.pop("objective")
+            d.pop("beta")
         return d

@@ -66,12 +66,14 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Parse every non-blank line of a JSONL file, failing on the first malformed one.
+def read_records(path: str | Path, *, parse=None) -> list:
+    """Parse every non-blank line of a JSONL file with ``parse`` (default: ``parse_line``), failing on the first
+    malformed one.
 
     >>> read_records("math.jsonl")[0].kind        # doctest: +SKIP
     'sharegpt'
     """
+    parse = parse or parse_line
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
@@ -79,22 +81,28 @@ def read_records(path: str | Path) -> list[Record]:
     with open(path, encoding="utf-8") as f:
         for n, raw in enumerate(f, start=1):
             if raw.strip():
-                out.append(parse_line(raw, path=path, line=n))
+                out.append(parse(raw, path=path, line=n))
     if not out:
         raise ShadowgraftError(f"{path}: no records; write one JSON object per line")
     return out
 
 
-def parse_line(raw: str, *, path: Path, line: int) -> Record:
-    where = f"{path}:{line}"
+def json_object(raw: str, where: str) -> dict:
+    """One JSONL line as a dict, or the error naming the line."""
     try:
         obj = json.loads(raw.rstrip("\r\n"))
     except json.JSONDecodeError as e:
         raise ShadowgraftError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
     if not isinstance(obj, dict):
         raise ShadowgraftError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_line(raw: str, *, path: Path, line: int) -> Record:
+    where = f"{path}:{line}"
+    obj = json_object(raw, where)
     if "messages" in obj:
-        msgs = _chat(obj["messages"], where)
+        msgs = _needs_assistant(messages(obj["messages"], where), where)
         return Record(line, "chat", _with_system(obj, msgs, where))
     if "conversations" in obj:
         return Record(line, "sharegpt", _with_system(obj, _sharegpt(obj["conversations"], where), where))
@@ -105,6 +113,8 @@ def parse_line(raw: str, *, path: Path, line: int) -> Record:
             raise ShadowgraftError(f"{where}: 'text' must be a non-empty string")
         return Record(line, "text", text=obj["text"])
     keys = ", ".join(sorted(obj)) or "none"
+    if "chosen" in obj and "rejected" in obj:
+        raise ShadowgraftError(f"{where}: a preference pair (keys: {keys}); train on pairs with --objective dpo")
     raise ShadowgraftError(f"{where}: unknown record shape (keys: {keys}); use 'messages', 'conversations', "
                            "'instruction'/'input'/'output' or 'text'")
 
@@ -115,17 +125,19 @@ def _str(v, where: str, what: str) -> str:
     return v
 
 
-def _chat(msgs, where: str) -> list[dict]:
+def messages(msgs, where: str, key: str = "messages") -> list[dict]:
+    """A checked list of ``{"role", "content"}`` messages; errors name the record's ``key``."""
     if not isinstance(msgs, list) or not msgs:
-        raise ShadowgraftError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        raise ShadowgraftError(f"{where}: '{key}' must be a non-empty list of {{'role', 'content'}} objects")
+    who = "message" if key == "messages" else f"'{key}' message"
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ShadowgraftError(f"{where}: message {i} needs 'role' and 'content'")
+            raise ShadowgraftError(f"{where}: {who} {i} needs 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise ShadowgraftError(f"{where}: message {i} has role '{m['role']}'; use one of {', '.join(ROLES)}")
-        out.append({"role": m["role"], "content": _str(m["content"], where, f"message {i} content")})
-    return _needs_assistant(out, where)
+            raise ShadowgraftError(f"{where}: {who} {i} has role '{m['role']}'; use one of {', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": _str(m["content"], where, f"{who} {i} content")})
+    return out
 
 
 def _sharegpt(turns, where: str) -> list[dict]:
@@ -192,7 +204,8 @@ def encode(records: Iterable[Record], *, tokenizer, chat_template: str | None, m
             if chat_template is None:
                 raise ShadowgraftError(f"{path}:{r.line}: conversations need a chat template, and the model's tokenizer "
                                        "has none; pass --chat-template-from INSTRUCT_MODEL")
-            ids, labels = _encode_chat(r, tokenizer, chat_template, f"{path}:{r.line}")
+            ids, labels = encode_messages(r.messages, tokenizer=tokenizer, template=chat_template,
+                                          where=f"{path}:{r.line}")
         ex = Example(tuple(ids[:max_length]), tuple(labels[:max_length]))
         if ex.n_targets == 0:
             dropped += 1
@@ -237,13 +250,17 @@ def assistant_spans(messages: tuple[dict, ...] | list[dict], render, where: str)
     return text, spans
 
 
-def _encode_chat(r: Record, tokenizer, template: str, where: str) -> tuple[list[int], list[int]]:
-    def render(msgs, gen):
-        if not msgs:
+def encode_messages(msgs: tuple[dict, ...], *, tokenizer, template: str, where: str,
+                    train_from: int = 0) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered conversation, and labels on the assistant replies from message ``train_from`` on."""
+    def render(ms, gen):
+        if not ms:
             return ""
-        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(ms, chat_template=template, tokenize=False, add_generation_prompt=gen)
 
-    text, spans = assistant_spans(r.messages, render, where)
+    text, spans = assistant_spans(msgs, render, where)
+    # Earlier replies (a DPO prompt's own turns) stay context: their spans are dropped, not scored.
+    spans = spans[sum(1 for m in msgs[:train_from] if m["role"] == "assistant"):]
     # Each piece is tokenized on its own, as at inference time the prompt is
     # encoded alone and the reply is generated after it. The template writes
     # any BOS itself, so the tokenizer adds no special tokens.

@@ -1,9 +1,10 @@
 """The training loop, in plain torch: AdamW, warmup + cosine, gradient accumulation, clipping.
 
-One optimizer step consumes ``batch_size x grad_accum x world`` examples.
-The loss of a step is the mean over every assistant token of those
-examples, whichever rank or micro-batch holds them, so one process and
-several give the same gradients (up to float rounding).
+One optimizer step consumes ``batch_size x grad_accum x world`` examples
+(or preference pairs). The loss of a step is the mean over every unit of
+those examples (assistant token for SFT, pair for DPO; see ``objective``),
+whichever rank or micro-batch holds them, so one process and several give
+the same gradients (up to float rounding).
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 from ..errors import ShadowgraftError
 from ..writer import check_output_path
 from . import dist as D
+from . import objective as O
 from . import state as S
 from .config import TrainConfig
-from .data import IGNORE, Example, collate, encode, pack, read_records, sha256_file
+from .data import sha256_file
 from .model import (load_model, load_tokenizer, packing_isolated, require_extra, require_packed_masks, save_adapter,
                     save_full, write_json)
 from .progress import TrainProgress
@@ -117,32 +118,20 @@ def _claim_output(cfg: TrainConfig, d: D.Dist) -> None:
     d.barrier()
 
 
-def _dataset(cfg: TrainConfig, tokenizer, template) -> tuple[list[Example], int]:
-    records = read_records(cfg.data)
-    examples, dropped = encode(records, tokenizer=tokenizer, chat_template=template, max_length=cfg.max_length,
-                               path=cfg.data)
-    if not examples:
-        raise ShadowgraftError(f"{cfg.data}: no record has an assistant token within --max-length {cfg.max_length}; "
-                               "raise --max-length")
-    if cfg.packing:
-        examples = pack(examples, max_length=cfg.max_length)
-    return examples, dropped
-
-
 def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
     t0 = time.perf_counter()
     ckpt = _check_output(cfg)
     out = Path(cfg.output)
     torch.manual_seed(cfg.seed)
     tokenizer, template = load_tokenizer(cfg.model, cfg.chat_template_from)
-    examples, dropped = _dataset(cfg, tokenizer, template)
-    if console is not None and dropped:
-        console.print(f"[yellow]warning:[/] {dropped} record(s) have no assistant token within --max-length "
-                      f"{cfg.max_length} and are skipped")
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    obj = O.make(cfg, tokenizer=tokenizer, template=template, pad_id=pad_id, d=d)
+    if console is not None and obj.dropped:
+        console.print(f"[yellow]warning:[/] {obj.dropped} {obj.skipped} within --max-length {cfg.max_length} "
+                      "and are skipped")
 
     model, stored = load_model(cfg, bf16=d.bf16, quiet=cfg.quiet or not d.main)
-    if cfg.packing and not packing_isolated(model, list(examples[0].input_ids)):
+    if cfg.packing and not packing_isolated(model, list(obj.items[0].input_ids)):
         raise ShadowgraftError(f"{cfg.model}: --packing would let packed examples attend to each other (this model's "
                                "attention ignores position ids, e.g. ALiBi models); train without --packing")
     _claim_output(cfg, d)
@@ -155,7 +144,7 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     per_step = cfg.batch_size * cfg.grad_accum * d.world
-    steps_per_epoch = math.ceil(len(examples) / per_step)
+    steps_per_epoch = math.ceil(len(obj.items) / per_step)
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = math.ceil(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total=total, warmup=warmup))
@@ -168,46 +157,44 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
         start = meta["step"]
     log_path = out / LOG_NAME
     if d.main:
-        write_json(out / ARGS_NAME, _args(cfg, data_sha, template, d, total, len(examples)))
+        write_json(out / ARGS_NAME, _args(cfg, data_sha, template, d, total, len(obj.items)))
         _truncate_log(log_path, start)
     d.barrier()
 
     model.train()
-    loss_sum = tok_sum = win_targets = 0.0
+    obj.prepare(model, out=out, resumed=ckpt is not None, batch_size=cfg.batch_size)
+    win = [0.0] * len(obj.fields)  # sums of the logged values over the window's units
+    tok_sum = win_units = 0.0
     win_t, last_loss = time.perf_counter(), None
     with TrainProgress(total=total, start=start, console=console) as bar:
         for step in range(start, total):
-            idx = step_examples(len(examples), step=step, per_step=per_step, steps_per_epoch=steps_per_epoch, seed=cfg.seed)
-            micro = [[examples[i] for i in idx[(m * d.world + d.rank) * cfg.batch_size:][: cfg.batch_size]]
-                     for m in range(cfg.grad_accum)]
-            targets, tokens = d.sum([sum(e.n_targets for mb in micro for e in mb),
-                                     sum(len(e.input_ids) for mb in micro for e in mb)])
+            idx = step_examples(len(obj.items), step=step, per_step=per_step, steps_per_epoch=steps_per_epoch,
+                                seed=cfg.seed)
+            micro = [idx[(m * d.world + d.rank) * cfg.batch_size:][: cfg.batch_size] for m in range(cfg.grad_accum)]
+            mine = [i for mb in micro for i in mb]
+            units, tokens = d.sum([obj.units(mine), obj.tokens(mine)])
             lr = scheduler.get_last_lr()[0]
-            step_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: one sync per step
+            sums = torch.zeros(len(obj.fields), dtype=torch.float64, device=d.device)  # on device: one sync per step
             for m, mb in enumerate(micro):
-                batch = {k: v.to(d.device) for k, v in collate(mb, pad_id=pad_id).items()}
                 with D.sync_grads(model, m == len(micro) - 1):
-                    with d.autocast():
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                       position_ids=batch.get("position_ids"), use_cache=False).logits
-                    summed = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                             ignore_index=IGNORE, reduction="sum")
+                    summed, values = obj.loss(model, mb)
                     # DDP and FSDP average gradients over ranks; scaling by the
-                    # world size turns that into a mean over all target tokens.
-                    (summed * (d.world / targets)).backward()
-                step_loss += summed.detach()
+                    # world size turns that into a mean over all units of the step.
+                    (summed * (d.world / units)).backward()
+                sums += values
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            (step_loss,) = d.sum([float(step_loss)])
-            loss_sum, tok_sum, win_targets = loss_sum + step_loss, tok_sum + tokens, win_targets + targets
+            win = [w + s for w, s in zip(win, d.sum(sums.tolist()))]
+            tok_sum, win_units = tok_sum + tokens, win_units + units
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
                 now = time.perf_counter()
-                row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_sum / win_targets,
-                       "lr": lr, "tokens_per_s": round(tok_sum / max(now - win_t, 1e-9), 1)}
+                means = {f: w / win_units for f, w in zip(obj.fields, win)}
+                row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": means.pop("loss"),
+                       "lr": lr, "tokens_per_s": round(tok_sum / max(now - win_t, 1e-9), 1), **means}
                 last_loss = row["loss"]
                 if not math.isfinite(last_loss):
                     raise ShadowgraftError(f"loss became {last_loss} at step {done}; lower --lr (now {cfg.learning_rate:g})")
@@ -215,14 +202,15 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                 bar.update(row)
-                loss_sum = tok_sum = win_targets = 0.0
+                win = [0.0] * len(obj.fields)
+                tok_sum = win_units = 0.0
                 win_t = now
             if cfg.save_every and done % cfg.save_every == 0 and done < total:
                 S.save(out, step=done, model=model, optimizer=optimizer, scheduler=scheduler, d=d,
                        extra={"data_sha256": data_sha, "hyperparameters": cfg.hyperparameters()})
 
     _save_final(out, cfg, model, stored, tokenizer, template, d)
-    result = TrainResult(out, total, start, last_loss, time.perf_counter() - t0, len(examples), dropped)
+    result = TrainResult(out, total, start, last_loss, time.perf_counter() - t0, len(obj.items), obj.dropped)
     if d.main:
         write_json(out / DONE_NAME, {"steps": total, "start_step": start, "loss": last_loss,
                                      "seconds": round(result.seconds, 3), "data_sha256": data_sha,

@@ -201,7 +201,7 @@ def _save_tokenizer(folder: Path, tokenizer, template: str | None) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict, *, indent: int | None = 2) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     tmp.replace(path)

@@ -39,8 +39,11 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.update(self.task, completed=row["step"], loss=loss, lr=lr, tps=tps)
         else:
-            self.console.print(f"step {row['step']}/{self.total}  epoch {row['epoch']:.3f}  loss {loss}  lr {lr}  {tps} tok/s",
-                               highlight=False)
+            # DPO rows also say how often chosen beats rejected, and by how much.
+            dpo = (f"  acc {row['reward_accuracy']:.2f}  margin {row['reward_margin']:.4f}"
+                   if "reward_accuracy" in row else "")
+            self.console.print(f"step {row['step']}/{self.total}  epoch {row['epoch']:.3f}  loss {loss}{dpo}  lr {lr}  "
+                               f"{tps} tok/s", highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
