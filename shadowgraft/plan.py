@@ -107,7 +107,7 @@ def select(ck: Checkpoint, *, scope: str = "linear", include: Sequence[str] = ()
     """
     if scope not in SCOPES:
         raise ShadowgraftError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
-    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    inc, exc = compile_patterns(include, "--include"), compile_patterns(exclude, "--exclude")
 
     def pick(name: str) -> bool:
         t = ck.tensors[name]
@@ -124,7 +124,8 @@ def select(ck: Checkpoint, *, scope: str = "linear", include: Sequence[str] = ()
     return pick
 
 
-def _compile(patterns: Iterable[str], flag: str) -> list[re.Pattern]:
+def compile_patterns(patterns: Iterable[str], flag: str) -> list[re.Pattern]:
+    """``--include`` / ``--exclude`` regexes, compiled; a bad one is refused naming ``flag``."""
     out = []
     for p in patterns:
         try:
@@ -188,7 +189,7 @@ def plan_graft(
 def _alpha_rules(alpha_for: Sequence[tuple[str, float]]) -> list[tuple[re.Pattern, float]]:
     rules = []
     for pattern, value in alpha_for:
-        (rx,) = _compile([pattern], "--alpha-for")
+        (rx,) = compile_patterns([pattern], "--alpha-for")
         if not math.isfinite(value):
             raise ShadowgraftError(f"--alpha-for '{pattern}={value}': alpha must be a finite number")
         rules.append((rx, float(value)))
