@@ -23,14 +23,14 @@ MAX_LINE = 2000
 
 
 def shown(text: object) -> str:
-    """``text`` ready for rich markup: control characters as visible escapes, markup literal.
+    r"""``text`` ready for rich markup: control characters as visible escapes, markup literal.
 
     Non-printable characters (C0 and C1 controls, DEL, line and paragraph
     separators, bidi overrides) are written as Python writes them in a
     string literal; ``[`` that could open a tag is escaped for rich.
 
-    >>> shown("a\\x1b[2J[bold]\\n:smile:")
-    'a\\\\x1b\\\\[2J\\\\[bold]\\\\n:smile:'
+    >>> print(shown("a\x1b[2J[bold]\n:smile:"))
+    a\x1b[2J\[bold]\n:smile:
     """
     s = str(text)
     return escape("".join(c if c.isprintable() else ascii(c)[1:-1] for c in s))
