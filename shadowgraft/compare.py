@@ -137,20 +137,24 @@ class _Matched:
 def _match(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None, *, scope: str, include: Sequence[str],
            exclude: Sequence[str]) -> _Matched:
     pick_a = select(cka, scope=scope, include=include, exclude=exclude)
-    pick_b = select(ckb, scope=scope, include=include, exclude=exclude)
+    # A tensor only one side has is listed whatever its dtype (an int64
+    # position_ids counts as much as a weight when asking what differs).
+    listed_a = select(cka, scope=scope, include=include, exclude=exclude, floats_only=False)
+    listed_b = select(ckb, scope=scope, include=include, exclude=exclude, floats_only=False)
     named = _name_filter(include, exclude)
     pairs, only_a, mismatched, skipped, tuned_missing = [], [], [], [], []
     for ta in cka:
         tb = ckb.tensors.get(ta.name)
-        if not ta.is_float or (tb is not None and not tb.is_float):
+        if tb is None:
+            if listed_a(ta.name):
+                only_a.append(ta.name)
+            continue
+        if not ta.is_float or not tb.is_float:
             # Integer buffers (position ids, masks) and fp8 scales are not compared.
-            if tb is not None and named(ta.name):
+            if named(ta.name):
                 skipped.append(ta.name)
             continue
         if not pick_a(ta.name):
-            continue
-        if tb is None:
-            only_a.append(ta.name)
             continue
         shape = _overlap(ta.shape, tb.shape)
         if ta.shape != tb.shape or ta.dtype != tb.dtype:
@@ -166,7 +170,7 @@ def _match(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None, *, scope: s
             else:
                 tuned_missing.append(ta.name)
         pairs.append(_Pair(ta.name, ta, tb, shape, tt))
-    only_b = [tb.name for tb in ckb if tb.name not in cka and tb.is_float and pick_b(tb.name)]
+    only_b = [tb.name for tb in ckb if tb.name not in cka and listed_b(tb.name)]
     return _Matched(pairs, only_a, only_b, mismatched, skipped, tuned_missing)
 
 

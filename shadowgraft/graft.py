@@ -189,7 +189,7 @@ def apply(
     if push_to_hub:
         if len(jobs) > 1:
             raise ShadowgraftError("--push-to-hub takes one output; push each folder with `shadowgraft push`")
-        from .hub import push
+        from .publish import push
 
         result.url = push(result.output, push_to_hub, private=private)
     return result

@@ -1,9 +1,11 @@
-"""Hub ids as inputs (``org/name[@revision]``) and publishing a checkpoint folder.
+"""Hub ids as inputs (``org/name[@revision]``): which files to fetch, pinned to a commit.
 
 Everything that talks to the Hub goes through huggingface_hub: the cache
 layout, tokens, offline mode, progress bars and retries are its own. This
 module only chooses which files to fetch, pins the revision to a commit, and
 turns huggingface_hub's exceptions into one-line ``ShadowgraftError``s.
+Publishing (which needs ``verify``, itself a user of this module) lives in
+``publish.py``, so the checkpoint reader never imports the uploader.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import glob
 import json
 import os
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,6 @@ SIDE_PATTERNS = (
     "vocab*", "merges.txt", "*.model", "chat_template*", "preprocessor_config.json", "README.md", "LICENSE*",
 )
 INDEX_PATTERN = "*.safetensors.index.json"
-# Folders above this go through upload_large_folder (resumable, many commits)
-# when the installed huggingface_hub has it. Versions without it (2.x) stream
-# large folders through upload_folder itself, in several resumable commits.
-LARGE_FOLDER_BYTES = 50 * 10**9
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -121,7 +118,7 @@ def _commit_of(folder: Path) -> str | None:
     return folder.name if _COMMIT.match(folder.name) else None
 
 
-def _offline() -> bool:
+def is_offline() -> bool:
     # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import.
     from huggingface_hub import constants
 
@@ -145,7 +142,7 @@ def _cache_dir() -> str:
 def _snapshot(spec: str, repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
-    offline, cache = _offline(), _cache_dir()
+    offline, cache = is_offline(), _cache_dir()
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=offline,
                                       allow_patterns=patterns))
@@ -163,7 +160,7 @@ def _explain_download(exc: Exception, *, spec: str, repo_id: str, revision: str 
     # A short hash is taken for a branch name, and no branch has that name.
     short = " (a commit hash must have all 40 characters)" if re.fullmatch(r"[0-9a-f]{7,39}", rev) else ""
     if isinstance(exc, HFValidationError):
-        return f"{spec}: no such local path, and not a valid Hub repo id ({_first_line(exc)}); pass a local folder or org/name[@revision]"
+        return f"{spec}: no such local path, and not a valid Hub repo id ({first_line(exc)}); pass a local folder or org/name[@revision]"
     if isinstance(exc, RevisionNotFoundError):
         return f"{spec}: revision '{rev}' does not exist on the Hub{short}; use an existing branch, tag or full commit hash"
     if type(exc).__name__ == "IncompleteSnapshotError":
@@ -180,10 +177,10 @@ def _explain_download(exc: Exception, *, spec: str, repo_id: str, revision: str 
                     "run once online to fetch it, or name a cached revision")
         return (f"{spec}: the Hub cannot be reached and revision '{rev}' is not in the cache {cache}; "
                 "check the network (and HF_ENDPOINT), or pass a local folder")
-    return _explain_http(exc, repo_id=repo_id, what=spec, hint="", upload=False)
+    return explain_http(exc, repo_id=repo_id, what=spec, hint="", upload=False)
 
 
-def _explain_http(exc: Exception, *, repo_id: str, what: str, hint: str, upload: bool) -> str | None:
+def explain_http(exc: Exception, *, repo_id: str, what: str, hint: str, upload: bool) -> str | None:
     """One line for the Hub's HTTP and network errors, shared by downloads and uploads."""
     from huggingface_hub.utils import DisabledRepoError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
@@ -201,9 +198,9 @@ def _explain_http(exc: Exception, *, repo_id: str, what: str, hint: str, upload:
         return (f"{what}: the Hub refused access to {repo_id} (HTTP {status}); log in with `hf auth login` or set "
                 f"HF_TOKEN to a token with {'write' if upload else 'read'} access{hint}")
     if isinstance(exc, HfHubHTTPError):
-        return f"{what}: the Hub answered HTTP {status} for {repo_id} ({_first_line(exc)}); try again later{hint}"
+        return f"{what}: the Hub answered HTTP {status} for {repo_id} ({first_line(exc)}); try again later{hint}"
     if isinstance(exc, _transport_errors()):
-        return (f"{what}: network error talking to the Hub ({type(exc).__name__}: {_first_line(exc)}); "
+        return (f"{what}: network error talking to the Hub ({type(exc).__name__}: {first_line(exc)}); "
                 f"check the connection, or set HF_HUB_OFFLINE=1 to use only the cache{hint}")
     return None
 
@@ -226,103 +223,7 @@ def _repo_folder(repo_id: str) -> str:
     return repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     # huggingface_hub messages put the summary first and details (URLs, request ids) on later lines.
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[0][:200] if lines else type(exc).__name__
-
-
-# -- publishing ----------------------------------------------------------------
-
-
-def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, token: str | None = None) -> str:
-    """Check that ``folder`` is a complete checkpoint, then upload it to ``repo_id``; returns the repo URL.
-
-    Creates the repo (and the branch ``revision``) when missing. Root-level
-    safetensors shards and indexes on the Hub that the folder does not have
-    are deleted in the same commit, so a re-sharded model leaves no stale shards.
-
-    >>> push("./out", "me/qwen3-4b-instruct-shadow-math", private=True)   # doctest: +SKIP
-    'https://huggingface.co/me/qwen3-4b-instruct-shadow-math'
-    """
-    from huggingface_hub import HfApi
-
-    path = Path(folder).expanduser()
-    local = check_folder(path)
-    if _offline():
-        raise ShadowgraftError(f"push to {repo_id}: HF_HUB_OFFLINE=1 is set; unset it to upload {path}")
-    api = HfApi(token=token)
-    retry = ["shadowgraft", "push", str(path), repo_id] + (["--revision", revision] if revision else [])
-    hint = f"; then retry: {shlex.join(retry)}"
-    message = commit_message or _default_message(path)
-    with _hub_call(repo_id, hint):
-        url = str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        large = getattr(api, "upload_large_folder", None)
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        if large is not None and size > LARGE_FOLDER_BYTES:
-            # Many commits, resumable; it takes no commit message and deletes nothing.
-            large(repo_id=repo_id, folder_path=str(path), repo_type="model", revision=revision, private=private)
-        else:
-            remote = api.list_repo_files(repo_id, revision=revision, repo_type="model")
-            stale = [f for f in remote if "/" not in f and f.endswith((".safetensors", INDEX_PATTERN[1:])) and f not in local]
-            api.upload_folder(repo_id=repo_id, folder_path=str(path), repo_type="model", revision=revision,
-                              commit_message=message, delete_patterns=[glob.escape(f) for f in stale] or None)
-    return f"{url.rstrip('/')}/tree/{revision}" if revision else url
-
-
-def check_folder(path: Path) -> set[str]:
-    """Refuse a folder that is not a complete, loadable safetensors checkpoint; returns its file names.
-
-    Headers are validated against file sizes (a truncated shard fails), the
-    index must name exactly the tensors its shards hold, no stray
-    ``.safetensors`` file may sit outside the index, and the cheap checks of
-    ``shadowgraft verify`` must pass (no bytes outside tensors, the
-    safetensors library accepts each file, ``shadowgraft.json`` still matches).
-    """
-    from .checkpoint import Checkpoint
-    from .verify import verify
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such folder")
-    if not path.is_dir():
-        raise ShadowgraftError(f"not pushed: {path} is not a folder; push uploads a checkpoint folder (shards, index, config)")
-    try:
-        with Checkpoint.open(path) as ck:
-            used = {f.name for f in ck.files}
-    except ShadowgraftError as exc:
-        raise ShadowgraftError(f"not pushed: {exc}") from None
-    stray = sorted(p.name for p in path.glob("*.safetensors") if p.name not in used)
-    if stray:
-        raise ShadowgraftError(f"not pushed: {path / stray[0]} is not part of the checkpoint (the index does not name it); "
-                               "remove it or fix the index")
-    report = verify(path, full=False)
-    if report.problems:
-        raise ShadowgraftError(f"not pushed: {report.problems[0]}")
-    return {p.name for p in path.iterdir() if p.is_file()}
-
-
-def _default_message(path: Path) -> str:
-    try:
-        record = json.loads((path / "shadowgraft.json").read_text(encoding="utf-8"))
-        ins = record["inputs"]["instruct"]
-        return f"Shadow-FT graft onto {ins.get('repo_id') or ins.get('source')} (alpha={record['alpha']}, scope={record['scope']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "Upload checkpoint with shadowgraft"
-
-
-@contextlib.contextmanager
-def _hub_call(repo_id: str, hint: str):
-    from huggingface_hub.utils import HFValidationError
-
-    try:
-        yield
-    except HFValidationError as exc:
-        raise ShadowgraftError(f"{repo_id}: not a valid Hub repo id ({_first_line(exc)}); use org/name") from exc
-    except Exception as exc:
-        msg = _explain_http(exc, repo_id=repo_id, what=f"push to {repo_id}", hint=hint, upload=True)
-        if msg is None:
-            raise
-        raise ShadowgraftError(msg) from exc

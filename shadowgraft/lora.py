@@ -10,8 +10,18 @@ PEFT's conventions are followed exactly (``peft.tuners.lora``):
 - ``scale = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``;
   ``rank_pattern`` / ``alpha_pattern`` override r and alpha per module, the
   first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)`` winning;
-- ``fan_in_fan_out`` (GPT-2 Conv1D) means the weight is stored (in, out), so
-  the change is ``(B @ A).T``.
+- a GPT-2 ``Conv1D`` weight is stored (in, out), so its change is
+  ``(B @ A).T``. PEFT decides this per target module, whatever
+  ``fan_in_fan_out`` says: it resets the flag to False (with a warning) for an
+  ``nn.Linear`` and to True for a ``Conv1D`` (``dispatch_default`` in
+  ``peft/tuners/lora/layer.py``). So do we, telling the two apart by the
+  instruct checkpoint's ``config.json`` model type (or, without one, GPT-2's
+  module names), and warning the same way.
+
+Every number in the config that scales the change (``r``, ``lora_alpha``, the
+values of ``rank_pattern`` / ``alpha_pattern``) must be finite and positive:
+json reads ``NaN`` and ``1e400`` (inf) without complaint, and either would
+graft NaN into every target.
 
 Anything whose merge is not that sum (DoRA, trained biases, modules_to_save,
 PiSSA-style inits that rewrite base, other variants) is refused with the
@@ -201,13 +211,28 @@ def _read_config(folder: Path) -> dict:
             f"{f}: init_lora_weights='{c.get('init_lora_weights')}' subtracts the initial adapter from base's weights, so the "
             "adapter only fits that rewritten base; convert it with save_pretrained(..., path_initial_model_for_weight_conversion=...) "
             f"or {MERGE_HINT}")
-    r, alpha = c.get("r"), c.get("lora_alpha")
-    if type(r) is not int or r <= 0 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise ShadowgraftError(f"{f}: needs a positive integer 'r' and a number 'lora_alpha' (got r={r!r}, lora_alpha={alpha!r})")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(c.get(key) or {}, dict):
             raise ShadowgraftError(f"{f}: '{key}' must map module patterns to numbers")
+    _check_rank(f, "r", c.get("r"))
+    _check_alpha(f, "lora_alpha", c.get("lora_alpha"))
+    for k, v in (c.get("rank_pattern") or {}).items():
+        _check_rank(f, f"rank_pattern['{k}']", v)
+    for k, v in (c.get("alpha_pattern") or {}).items():
+        _check_alpha(f, f"alpha_pattern['{k}']", v)
     return c
+
+
+def _check_rank(f: Path | str, key: str, r: object) -> None:
+    if type(r) is not int or r <= 0:
+        raise ShadowgraftError(f"{f}: {key} is {r!r}; a LoRA rank must be a positive integer; fix the adapter config")
+
+
+def _check_alpha(f: Path | str, key: str, alpha: object) -> None:
+    # bool is an int to Python, and NaN / inf pass every comparison a plain "> 0" would make.
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+        raise ShadowgraftError(f"{f}: {key} is {alpha!r}; lora_alpha must be a finite positive number "
+                               "(PEFT scales the change by lora_alpha / r); fix the adapter config")
 
 
 def pattern_key(keys: Sequence[str], module: str) -> str | None:
@@ -235,9 +260,8 @@ def module_scale(config: dict, module: str) -> tuple[int, float, float]:
     rk, ak = pattern_key(list(ranks), module), pattern_key(list(alphas), module)
     r = ranks[rk] if rk is not None else config["r"]
     alpha = alphas[ak] if ak is not None else config["lora_alpha"]
-    if type(r) is not int or r <= 0 or not isinstance(alpha, (int, float)):
-        raise ShadowgraftError(f"{CONFIG_NAME}: module '{module}' gets r={r!r}, lora_alpha={alpha!r} (r, lora_alpha, "
-                               "rank_pattern, alpha_pattern); r must be a positive integer and lora_alpha a number")
+    _check_rank(CONFIG_NAME, f"r for '{module}'" + (f" (rank_pattern['{rk}'])" if rk is not None else ""), r)
+    _check_alpha(CONFIG_NAME, f"lora_alpha for '{module}'" + (f" (alpha_pattern['{ak}'])" if ak is not None else ""), alpha)
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return r, alpha, scale
 
@@ -333,6 +357,10 @@ def plan_adapter(
     terms: dict[str, LoraTerm] = {}
     problems, skipped = [], []
     renamed = []
+    from .lowrank import is_conv1d  # lazy: lowrank loads torch
+
+    model_type = _model_type(ins)
+    flag_reset: list[str] = []  # modules whose kind overrides fan_in_fan_out, as PEFT resets it
     for mod in ad.modules:
         target = _target(ins, mod.module)
         if target is None:
@@ -344,8 +372,12 @@ def plan_adapter(
             skipped.append(target)
             continue
         w = ins[target]
-        # Embeddings and fan_in_fan_out (Conv1D) weights hold (B @ A).T.
-        transpose = mod.embedding or ad.fan_in_fan_out
+        # Embeddings and GPT-2 Conv1D weights hold (B @ A).T. For other
+        # modules PEFT merges as nn.Linear whatever fan_in_fan_out says.
+        conv = not mod.embedding and is_conv1d(mod.module, model_type)
+        if not mod.embedding and conv != ad.fan_in_fan_out:
+            flag_reset.append(mod.module)
+        transpose = mod.embedding or conv
         rows, cols = mod.b.shape[0], mod.a.shape[1]
         want = (cols, rows) if transpose else (rows, cols)
         if not w.is_float:
@@ -353,7 +385,10 @@ def plan_adapter(
         elif tuple(w.shape) != want:
             hint = ""
             if not mod.embedding and tuple(w.shape) == want[::-1]:
-                hint = f" (it fits transposed: fan_in_fan_out should be {not ad.fan_in_fan_out} in {CONFIG_NAME})"
+                how = "a GPT-2 Conv1D, stored (in, out)" if conv else "an nn.Linear, stored (out, in)"
+                why = f"config.json model_type '{model_type}'" if model_type else "its name (instruct has no config.json model_type)"
+                hint = (f" (it fits transposed: '{mod.module}' is {how}, going by {why}; "
+                        "was the adapter trained on another architecture?)")
             problems.append(f"'{target}': instruct {tuple(w.shape)} does not fit the adapter's change {want}{hint}")
         else:
             terms[target] = LoraTerm(mod.a, mod.b, mod.scale, transpose)
@@ -361,6 +396,10 @@ def plan_adapter(
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ShadowgraftError(f"adapter {ad.source}: " + "; ".join(problems[:3]) + more)
     warnings = []
+    if flag_reset:
+        kind = "torch.nn.Linear" if ad.fan_in_fan_out else "GPT-2 Conv1D"
+        warnings.append(f"fan_in_fan_out is {ad.fan_in_fan_out} in {CONFIG_NAME} but {len(flag_reset)} target module(s) are "
+                        f"{kind} ({_names(flag_reset)}); merged with fan_in_fan_out={not ad.fan_in_fan_out} there, as PEFT does")
     if renamed:
         warnings.append(f"{len(renamed)} adapter module(s) matched instruct through its model prefix, as transformers loads them: "
                         f"{_names(renamed)}")
@@ -372,6 +411,17 @@ def plan_adapter(
                         "they are base's frozen weights and are not grafted")
     items = items_with(ins, dtype, terms, alpha=alpha, alpha_for=alpha_for)
     return Plan(tuple(plan_shards(ins, items, max_shard_size)), alpha, scope, tuple(warnings), alpha_for=tuple(alpha_for))
+
+
+def _model_type(ins: Checkpoint) -> str | None:
+    """``model_type`` from the instruct checkpoint's config.json, when it has a readable one."""
+    f = ins.root / "config.json" if ins.root is not None else None
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8")) if f is not None and f.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+    return mt if isinstance(mt, str) else None
 
 
 def _target(ins: Checkpoint, module: str) -> str | None:

@@ -99,23 +99,40 @@ class Plan:
         return sum(1 for i in self.items if i.action == action)
 
 
-def select(ck: Checkpoint, *, scope: str = "linear", include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Callable[[str], bool]:
+def select(ck: Checkpoint, *, scope: str = "linear", include: Sequence[str] = (), exclude: Sequence[str] = (),
+           floats_only: bool = True) -> Callable[[str], bool]:
     """The tensor-name predicate for ``scope`` narrowed by ``include`` and ``exclude`` regexes.
 
-    A name is selected when it is in scope, matches at least one include (if
-    any are given) and matches no exclude.
+    A name is selected when it is a floating tensor in scope, matches at least
+    one include (if any are given) and matches no exclude. Integer and bool
+    tensors (position ids, masks, a quantized ``qweight``) are never selected,
+    whatever their shape: they have no change to graft, so they are copied.
+    ``floats_only=False`` lifts that rule (``stats`` lists every tensor only
+    one checkpoint has). An include that selects nothing in ``ck`` is an
+    error naming it, not a silent copy of the whole model.
     """
     if scope not in SCOPES:
         raise ShadowgraftError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
-    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    inc, exc = compile_patterns(include, "--include"), compile_patterns(exclude, "--exclude")
 
-    def pick(name: str) -> bool:
+    def in_view(name: str) -> bool:
         t = ck.tensors[name]
+        if floats_only and not t.is_float:
+            return False
         sib = sibling_weight(name)
         wshape = ck.tensors[sib].shape if sib and sib in ck.tensors else None
-        if not in_scope(name, t.shape, scope, wshape):
-            return False
-        if scope == "all" and not t.is_float:
+        return in_scope(name, t.shape, scope, wshape)
+
+    for text, rx in zip(include, inc):
+        if not any(rx.search(n) and in_view(n) for n in ck.tensors):
+            example = next((n for n in ck.tensors if in_view(n)), next(iter(ck.tensors), None))
+            like = f" (names look like '{example}')" if example else ""
+            raise ShadowgraftError(
+                f"--include '{text}' matches no {'floating ' if floats_only else ''}tensor inside --scope {scope} of "
+                f"{ck.source}{like}; fix the pattern (a regular expression searched anywhere in the name) or widen --scope")
+
+    def pick(name: str) -> bool:
+        if not in_view(name):
             return False
         if inc and not any(r.search(name) for r in inc):
             return False
@@ -124,7 +141,8 @@ def select(ck: Checkpoint, *, scope: str = "linear", include: Sequence[str] = ()
     return pick
 
 
-def _compile(patterns: Iterable[str], flag: str) -> list[re.Pattern]:
+def compile_patterns(patterns: Iterable[str], flag: str) -> list[re.Pattern]:
+    """``--include`` / ``--exclude`` regexes, compiled; a bad one is refused naming ``flag``."""
     out = []
     for p in patterns:
         try:
@@ -188,7 +206,7 @@ def plan_graft(
 def _alpha_rules(alpha_for: Sequence[tuple[str, float]]) -> list[tuple[re.Pattern, float]]:
     rules = []
     for pattern, value in alpha_for:
-        (rx,) = _compile([pattern], "--alpha-for")
+        (rx,) = compile_patterns([pattern], "--alpha-for")
         if not math.isfinite(value):
             raise ShadowgraftError(f"--alpha-for '{pattern}={value}': alpha must be a finite number")
         rules.append((rx, float(value)))

@@ -185,17 +185,21 @@ class Report:
         return json.dumps(_json_safe(self.to_dict()), indent=indent, allow_nan=False)
 
     def to_csv(self) -> str:
-        """One row per compared tensor, with the columns of ``tensors`` in the JSON."""
+        """One row per compared tensor, with the columns of ``tensors`` in the JSON, then one row per
+        tensor only one checkpoint has: its name, ``only_in`` A or B (the last column), nothing else."""
         t = self.tuned is not None
         rows = [r.to_dict(t) for r in self.tensors]
         buf = io.StringIO()
-        cols = list(rows[0]) if rows else ["name"]
-        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+        cols = (list(rows[0]) if rows else ["name"]) + ["only_in"]
+        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", restval="")
         w.writeheader()
         for r in rows:
             r["shape"] = "x".join(map(str, r["shape"]))
             r["layer"] = "" if r["layer"] is None else r["layer"]
             w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+        for side, names in (("A", self.only_in_a), ("B", self.only_in_b)):
+            for n in names:
+                w.writerow({"name": n, "only_in": side})
         return buf.getvalue()
 
     # -- terminal -----------------------------------------------------------
@@ -252,9 +256,14 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .display import cell, shown
+
     if by not in ("layer", "module", "tensor"):
         raise ValueError(f"by must be layer, module or tensor, not {by!r}")
-    con = console or Console()
+    # Names come from the files: every one goes through shown / cell, and a
+    # console made here never renders emoji codes (a caller's own console may,
+    # which is why names in tables are Text cells).
+    con = console or Console(emoji=False, highlight=False)
     s, tuned = r.summary, r.tuned is not None
 
     def table(title: str, cols: list[str], left: tuple[str, ...] = (), wrap: str = "") -> Table:
@@ -265,8 +274,8 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
                          overflow="fold" if c == wrap else "ellipsis")
         return t
 
-    con.print(f"[bold]{r.a}[/] vs [bold]{r.b}[/]" + (f", tuned [bold]{r.tuned}[/]" if tuned else "")
-              + f": {s.n_compared} tensors compared, {_size(r.bytes_read)} read in {r.seconds:.2f} s")
+    con.print(f"[bold]{shown(r.a)}[/] vs [bold]{shown(r.b)}[/]" + (f", tuned [bold]{shown(r.tuned)}[/]" if tuned else "")
+              + f": {s.n_compared} tensors compared, {_size(r.bytes_read)} read in {r.seconds:.2f} s", emoji=False)
     what = f"{s.n_tensors} transformer-block tensors" if s.basis == "block" else f"all {s.n_tensors} tensors (no blocks found)"
     t = table("summary", ["", "value", "note"], left=("", "note"), wrap="note")
     t.add_row("sigma_mean", f"[bold]{fmt(s.sigma_mean)}[/]", f"the paper's number: mean over {what}")
@@ -287,20 +296,20 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
                   left=(by, ""))
         hi = max((g.sigma_mean for g in groups if math.isfinite(g.sigma_mean)), default=0.0)
         for g in groups:
-            row = [str(g.key), fmt(g.sigma_mean), fmt(g.sigma_max), fmt(g.rel_l2), fmt(g.cosine, 6), _pct(g.identical)]
+            row = [cell(g.key), fmt(g.sigma_mean), fmt(g.sigma_max), fmt(g.rel_l2), fmt(g.cosine, 6), _pct(g.identical)]
             row += [fmt(g.delta_ratio), fmt(g.delta_cosine)] if tuned else []
             style = "red" if math.isfinite(g.sigma_mean) and g.sigma_mean >= s.threshold else None
             t.add_row(*row, *([] if tuned else [_bar(g.sigma_mean, hi, 12)]), style=style)
         con.print(t)
     rows = sorted(r.tensors, key=lambda x: -x.sigma if math.isfinite(x.sigma) else -math.inf)
     if top > 0 or by == "tensor":
-        shown = rows if top <= 0 else rows[:top]
-        title = "tensors by sigma" if len(shown) == len(rows) else f"top {len(shown)} of {len(rows)} tensors by sigma"
+        listed = rows if top <= 0 else rows[:top]
+        title = "tensors by sigma" if len(listed) == len(rows) else f"top {len(listed)} of {len(rows)} tensors by sigma"
         # Names run to ~45 characters: on narrow terminals keep only the telling columns.
         extra = ["rel_l2", "max|A-B|", "same"] if con.width >= 110 else ([] if tuned else ["rel_l2", "same"])
         t = table(title, ["tensor", "sigma", "cosine"] + extra + delta_cols, left=("tensor",), wrap="tensor")
-        for x in shown:
-            row = [x.name + (" (overlap)" if x.partial else ""), fmt(x.sigma), fmt(x.cosine, 6)]
+        for x in listed:
+            row = [cell(x.name + (" (overlap)" if x.partial else "")), fmt(x.sigma), fmt(x.cosine, 6)]
             cells = {"rel_l2": fmt(x.rel_l2), "max|A-B|": fmt(x.max_abs), "same": _pct(x.identical)}
             row += [cells[c] for c in extra]
             if tuned:
@@ -311,15 +320,15 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
                          ("skipped, dtype not F64/F32/F16/BF16", r.skipped),
                          ("missing or reshaped in tuned, no delta figures", r.tuned_missing)):
         if names:
-            con.print(f"[yellow]{label}[/] ({len(names)}): {_names(names)}")
+            con.print(f"[yellow]{label}[/] ({len(names)}): {shown(_names(names))}", emoji=False)
     for m in r.mismatched:
-        con.print(f"[yellow]mismatched[/] {m.name}: A {_shape(m.shape_a)} {m.dtype_a} vs B {_shape(m.shape_b)} {m.dtype_b}; "
-                  f"compared: {m.compared}")
+        con.print(f"[yellow]mismatched[/] {shown(m.name)}: A {_shape(m.shape_a)} {m.dtype_a} vs B {_shape(m.shape_b)} {m.dtype_b}; "
+                  f"compared: {m.compared}", emoji=False)
     if s.n_nonfinite:
         bad = [x.name for x in r.tensors if x.sums.nonfinite]
-        con.print(f"[yellow]NaN/Inf values[/] in {s.n_nonfinite} tensor(s): {_names(bad)}")
+        con.print(f"[yellow]NaN/Inf values[/] in {s.n_nonfinite} tensor(s): {shown(_names(bad))}", emoji=False)
     color = {"close": "green", "graftable": "yellow"}.get(s.band, "red")
-    con.print(f"[bold {color}]verdict[/]: {s.verdict}")
+    con.print(f"[bold {color}]verdict[/]: {shown(s.verdict)}", emoji=False)
 
 
 def _shape(shape: tuple[int, ...]) -> str:

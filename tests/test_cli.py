@@ -89,3 +89,86 @@ def test_dry_run_shows_each_tensors_alpha(tmp_path, trio, capsys):
     rows = [line for line in out.splitlines() if "graft" in line and "layers" in line]
     assert len(rows) == 1 and re.search(r"graft\s+│\s+0\.25\s+│", rows[0])
     assert "plan (alpha 0.5)" in out
+
+
+# -- option values are usage errors, checked before anything is read ---------------------------------------------
+
+MISSING = "/nonexistent/instruct"  # never opened: each check must fire first
+
+
+@pytest.mark.parametrize("args, flag, why", [
+    (["--alpha", "nan"], "--alpha", "--alpha must be finite numbers, got nan"),
+    (["--alpha", "0.5,1e400"], "--alpha", "--alpha must be finite numbers, got 0.5,1e400"),
+    (["--alpha-for", "mlp(=0.5"], "--alpha-for", "--alpha-for 'mlp(' is not a valid regular expression"),
+    (["--alpha-for", "mlp=nan"], "--alpha-for", "--alpha-for 'mlp' must be finite numbers, got nan"),
+    (["--dtype", "x"], "--dtype", "unknown dtype 'x'"),
+    (["--device", "x"], "--device", "unknown device 'x'"),
+    (["--max-shard-size", "x"], "--max-shard-size", "size 'x' not understood"),
+    (["--max-shard-size", "0"], "--max-shard-size", "size '0' must be positive"),
+    (["--include", "("], "--include", "pattern '(' is not a valid regular expression"),
+    (["--exclude", "[a"], "--exclude", "pattern '[a' is not a valid regular expression"),
+    (["--push-to-hub", "me/bad name"], "--push-to-hub", "me/bad name: not a valid Hub repo id"),
+])
+def test_bad_apply_option_values_exit_2(tmp_path, capsys, args, flag, why):
+    code, out, err = run_cli(capsys, "apply", "--instruct", MISSING, "--base", MISSING, "--tuned", MISSING,
+                             "-o", tmp_path / "o", *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: Invalid value for '{flag}': {why}"), err
+    assert lines[0].endswith("see 'shadowgraft apply --help'")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, flag", [(["--threshold", "x"], "--threshold"), (["--threshold", "nan"], "--threshold"),
+                                        (["--threshold", "0"], "--threshold"), (["--close", "inf"], "--close"),
+                                        (["--include", "("], "--include")])
+def test_bad_stats_option_values_exit_2(capsys, args, flag):
+    code, _, err = run_cli(capsys, "stats", MISSING, MISSING, *args)
+    assert code == 2 and err.startswith(f"error: Invalid value for '{flag}'"), err
+
+
+@pytest.mark.parametrize("args, flag", [(["--dtype", "int8"], "--dtype"), (["--device", "tpu"], "--device"),
+                                        (["--max-shard-size", "-1GB"], "--max-shard-size")])
+def test_bad_diff_option_values_exit_2(tmp_path, capsys, args, flag):
+    code, _, err = run_cli(capsys, "diff", MISSING, MISSING, "-o", tmp_path / "o", *args)
+    assert code == 2 and err.startswith(f"error: Invalid value for '{flag}'"), err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--plot"])
+def test_bad_report_paths_are_refused_before_reading(tmp_path, capsys, flag):
+    name = "r.png" if flag == "--plot" else "r.out"
+    code, _, err = run_cli(capsys, "stats", MISSING, MISSING, flag, tmp_path / "no" / "such" / name)
+    assert code == 2 and f"Invalid value for '{flag}': folder {tmp_path / 'no' / 'such'} does not exist" in err, err
+    code, _, err = run_cli(capsys, "stats", MISSING, MISSING, flag, tmp_path)
+    assert code == 2 and f"{tmp_path} is a folder; name a file" in err, err
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    import os
+
+    if os.access(locked, os.W_OK):  # root ignores permissions
+        pytest.skip("running as root: permission bits are not enforced")
+    code, _, err = run_cli(capsys, "stats", MISSING, MISSING, flag, locked / name)
+    assert code == 2 and "cannot be written here (permission denied)" in err, err
+
+
+def test_push_target_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli(capsys, "apply", "--instruct", MISSING, "--base", MISSING, "--tuned", MISSING,
+                           "-o", tmp_path / "o", "--push-to-hub", "me/graft")
+    assert code == 1 and err.strip() == "error: push to me/graft: HF_HUB_OFFLINE=1 is set; unset it to upload", err
+    code, _, err = run_cli(capsys, "push", MISSING, "me/x--y")
+    assert code == 2 and err.startswith("error: Invalid value for 'REPO_ID': me/x--y: not a valid Hub repo id"), err
+
+
+def test_include_matching_nothing_exits_1_and_writes_nothing(tmp_path, trio, capsys):
+    code, _, err = run_cli(capsys, *_apply(trio, tmp_path / "o", "--include", "q_prj"))
+    assert code == 1 and err.startswith("error: --include 'q_prj' matches no floating tensor inside --scope linear"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bare_command_prints_the_help(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 2
+    text = out + err
+    assert text.startswith("Usage: shadowgraft [OPTIONS] COMMAND [ARGS]...") and "error:" not in text
+    assert "\n  apply " in text and "\n  stats " in text

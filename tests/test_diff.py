@@ -108,8 +108,10 @@ def test_diff_errors(tmp_path, trio, capsys):
     other = make_trio(tmp_path / "other", shape=Shape(layers=3, hidden=64, intermediate=128, vocab=128))
     with pytest.raises(ShadowgraftError, match=r"'model\.layers\.0\.mlp\.gate_proj\.weight': base \(128, 64\) != tuned \(96, 64\)"):
         diff(base=other["base"], tuned=trio["tuned"], output=tmp_path / "o")
-    with pytest.raises(ShadowgraftError, match="nothing to diff"):
+    with pytest.raises(ShadowgraftError, match=r"^--include 'nomatch' matches no floating tensor inside --scope linear of "):
         diff(base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o", include=["nomatch"])
+    with pytest.raises(ShadowgraftError, match="nothing to diff"):
+        diff(base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o", include=["mlp"], exclude=["mlp"])
     assert not (tmp_path / "o").exists()
     code, _, err = run_cli(capsys, "diff", trio["base"], trio["tuned"], "-o", tmp_path / "o", "--rank", "0")
     assert code == 2

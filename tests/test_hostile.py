@@ -308,7 +308,8 @@ def hostile_tensor_name(d):
     evil = "\x1b[2J[bold]x[/bold]\n:smile:"
     head[evil] = dict(head.pop(name), dtype="F33")
     rewrite(f, head, data)
-    return r"\x1b[2J[bold]x[/bold] :smile:"
+    # Every control character is shown escaped, the newline too: it cannot start a second line.
+    return r"\x1b[2J[bold]x[/bold]\n:smile:"
 
 
 CASES = [truncated, lying_header_length, header_length_over_cap, non_json_header, header_not_an_object,

@@ -154,11 +154,22 @@ def test_fan_in_fan_out_gpt2_conv1d(tmp_path):
     assert any("through its model prefix" in w and "transformer.h.0.attn.c_attn -> h.0.attn.c_attn.weight" in w
                for w in res.plan.warnings)
     check(tmp_path / "out", inst, factors, {m: 1.0 for m in mods}, 1.0, transpose=set(mods))
-    # Without the flag the square c_proj would silently fit the wrong way round; the others do not fit.
-    bad = write_adapter(tmp_path / "bad", factors, r=4, lora_alpha=4, fan_in_fan_out=False)
+    # Without the flag PEFT still builds these modules as Conv1D (it sets fan_in_fan_out=True with a warning), and so
+    # do we: the same output, and a warning naming the modules. (Read as nn.Linear, the square c_proj would fit the
+    # wrong way round.)
+    flagless = write_adapter(tmp_path / "flagless", factors, r=4, lora_alpha=4, fan_in_fan_out=False)
+    res = shadowgraft.apply(instruct=trio["instruct"], adapter=flagless, output=tmp_path / "o2")
+    assert any(w.startswith("fan_in_fan_out is False in adapter_config.json but 8 target module(s) are GPT-2 Conv1D "
+                            "(h.0.attn.c_attn, h.0.attn.c_proj, h.0.mlp.c_fc, ...); merged with fan_in_fan_out=True there, "
+                            "as PEFT does") for w in res.plan.warnings), res.plan.warnings
+    check(tmp_path / "o2", inst, factors, {m: 1.0 for m in mods}, 1.0, transpose=set(mods))
+    # A Llama-named instruct with GPT-2-shaped tensors: read as nn.Linear, a non-square target fits only transposed.
+    llama_cfg = trio["instruct"] / "config.json"
+    llama_cfg.write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ShadowgraftError, match=r"'h\.0\.attn\.c_attn\.weight': instruct \(32, 96\) does not fit the adapter's "
-                                               r"change \(96, 32\) \(it fits transposed: fan_in_fan_out should be True"):
-        shadowgraft.apply(instruct=trio["instruct"], adapter=bad, output=tmp_path / "o2")
+                                               r"change \(96, 32\) \(it fits transposed: 'h\.0\.attn\.c_attn' is an nn\.Linear, "
+                                               r"stored \(out, in\), going by config\.json model_type 'llama'"):
+        shadowgraft.apply(instruct=trio["instruct"], adapter=flagless, output=tmp_path / "o3")
 
 
 def test_embedding_lora_needs_scope_all(tmp_path):
@@ -323,3 +334,75 @@ def test_cuda_adapter_matches_float64_reference(tmp_path, dtype):
     ad = write_adapter(tmp_path / "lora", factors, r=8, lora_alpha=16, use_rslora=True)
     shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / "out", alpha=0.6, device="cuda")
     check(tmp_path / "out", inst, factors, {m: 16 / math.sqrt(8) for m in factors}, 0.6)
+
+
+@pytest.mark.parametrize("key, text, shown", [
+    ("lora_alpha", "NaN", "lora_alpha is nan"),
+    ("lora_alpha", "1e400", "lora_alpha is inf"),  # json reads an overflowing literal as inf
+    ("lora_alpha", "-Infinity", "lora_alpha is -inf"),
+    ("lora_alpha", "0", "lora_alpha is 0"),
+    ("lora_alpha", "-8", "lora_alpha is -8"),
+    ("lora_alpha", "true", "lora_alpha is True"),
+    ("lora_alpha", '"8"', "lora_alpha is '8'"),
+    ("r", "0", "r is 0"),
+    ("r", "-4", "r is -4"),
+    ("r", "4.0", "r is 4.0"),
+    ("rank_pattern", '{"q_proj": 0}', "rank_pattern['q_proj'] is 0"),
+    ("alpha_pattern", '{"q_proj": NaN}', "alpha_pattern['q_proj'] is nan"),
+    ("alpha_pattern", '{"layers.0.self_attn.q_proj": 1e999}', "alpha_pattern['layers.0.self_attn.q_proj'] is inf"),
+])
+def test_config_numbers_must_be_finite_and_positive(tmp_path, capsys, key, text, shown):
+    trio = make_trio(tmp_path / "in", shape=SHAPE)
+    q = "model.layers.0.self_attn.q_proj"
+    ad = write_adapter(tmp_path / "lora", {q: (torch.randn(4, 64), torch.randn(64, 4))}, r=4, lora_alpha=8)
+    cfg = ad / "adapter_config.json"
+    # Written as text: json.dumps cannot write 1e400, and NaN must reach the reader as the file spells it.
+    cfg.write_text(cfg.read_text().replace(f'"{key}": ' + json.dumps(json.loads(cfg.read_text())[key]), f'"{key}": {text}'))
+    assert f'"{key}": {text}' in cfg.read_text()
+    code, _, err = run_cli(capsys, "apply", "--instruct", trio["instruct"], "--adapter", ad, "--output", tmp_path / "out")
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {cfg}: {shown}; "), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fan_in_fan_out_on_linear_targets_merges_as_peft_does(tmp_path):
+    """A Llama adapter whose config says fan_in_fan_out: true. PEFT builds its targets as nn.Linear, resets the flag
+    to False with a warning and merges B @ A untransposed; the square q_proj / o_proj would also fit transposed."""
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    inst_dir = tmp_path / "instruct"
+    transformers.LlamaForCausalLM(cfg).float().save_pretrained(inst_dir, safe_serialization=True)
+    model = transformers.LlamaForCausalLM.from_pretrained(inst_dir, torch_dtype=torch.float32)
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"],
+                                                      init_lora_weights=False, lora_dropout=0.0, fan_in_fan_out=True))
+    peft_model.save_pretrained(tmp_path / "lora")
+    # PEFT saved the flag it reset; the config as its author wrote it says true.
+    f = tmp_path / "lora" / "adapter_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "fan_in_fan_out": True}))
+    fresh = transformers.LlamaForCausalLM.from_pretrained(inst_dir, torch_dtype=torch.float32)
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
+        loaded = PeftModel.from_pretrained(fresh, tmp_path / "lora")
+    merged = {k: v.detach().clone() for k, v in loaded.merge_and_unload().state_dict().items()}
+
+    res = shadowgraft.apply(instruct=inst_dir, adapter=tmp_path / "lora", output=tmp_path / "out")
+    assert any(w.startswith("fan_in_fan_out is True in adapter_config.json but 6 target module(s) are torch.nn.Linear "
+                            "(model.layers.0.mlp.down_proj, ") and w.endswith("merged with fan_in_fan_out=False there, as PEFT does")
+               for w in res.plan.warnings), res.plan.warnings
+    got, inst = load(tmp_path / "out"), load(inst_dir)
+    sd = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    targets = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
+    assert inst["model.layers.0.self_attn.q_proj.weight"].shape == (32, 32)  # square: a transposed merge would fit
+    for module in targets:
+        key = f"base_model.model.{module}"
+        d = sd[key + ".lora_B.weight"].double() @ sd[key + ".lora_A.weight"].double()
+        assert_exact(got[f"{module}.weight"], inst[f"{module}.weight"].double() + 2.0 * d)
+    assert {n for n in got if not torch.equal(got[n], inst[n])} == {f"{m}.weight" for m in targets}
+    for n in got:
+        torch.testing.assert_close(got[n], merged[n], rtol=1e-5, atol=1e-6)

@@ -58,3 +58,40 @@ def test_tensors_left_at_instruct_are_a_note_not_a_warning(tmp_path):
     assert plan.warnings == ()
     assert plan.notes == ("7 tensor(s) outside --scope linear/--include/--exclude keep instruct's values: "
                           "lm_head.weight, model.embed_tokens.weight, model.layers.0.input_layernorm.weight, ...",)
+
+
+def _with_int_tensors(folder, seed: int):
+    """A block with a float weight next to a quantized-style int32 ``qweight`` and a bool mask (both 2-D)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=g),
+               "model.layers.0.self_attn.k_proj.qweight": torch.arange(32, dtype=torch.int32).reshape(4, 8),
+               "model.layers.0.self_attn.mask": torch.ones(8, 8, dtype=torch.bool)}, str(folder / "model.safetensors"))
+    return Checkpoint.open(folder)
+
+
+@pytest.mark.parametrize("scope", ["linear", "attn", "all"])
+def test_integer_and_bool_matrices_in_a_block_are_copied(tmp_path, scope):
+    ins, base, tuned = (_with_int_tensors(tmp_path / k, i) for i, k in enumerate(("instruct", "base", "tuned")))
+    plan = plan_graft(ins, base=base, tuned=tuned, scope=scope)
+    actions = {i.name: i.action for i in plan.items}
+    assert actions == {"model.layers.0.self_attn.q_proj.weight": "graft", "model.layers.0.self_attn.k_proj.qweight": "copy",
+                       "model.layers.0.self_attn.mask": "copy"}
+    pick = select(ins, scope=scope, floats_only=False)
+    assert pick("model.layers.0.self_attn.k_proj.qweight") and pick("model.layers.0.self_attn.mask")
+
+
+def test_include_matching_nothing_is_an_error_naming_it(tmp_path):
+    trio = make_trio(tmp_path, shape=Shape(layers=2))
+    ins = Checkpoint.open(trio["instruct"])
+    with pytest.raises(ShadowgraftError, match=r"^--include 'q_prj' matches no floating tensor inside --scope linear of "
+                                               rf".*/instruct \(names look like 'model\.layers\.0\.mlp\.down_proj\.weight'\); "
+                                               r"fix the pattern .* or widen --scope$"):
+        select(ins, include=["q_proj", "q_prj"])
+    # Outside the scope is nothing too: embeddings need --scope all.
+    with pytest.raises(ShadowgraftError, match=r"^--include 'embed' matches no floating tensor inside --scope linear"):
+        select(ins, include=["embed"])
+    assert select(ins, include=["embed"], scope="all")("model.embed_tokens.weight")

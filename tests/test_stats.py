@@ -17,7 +17,7 @@ from shadowgraft.cli import main
 from shadowgraft.compare import stats
 from shadowgraft.synthetic import Shape, bert_tensors, llama_tensors, make_trio, randn, write_checkpoint
 
-from .conftest import load
+from .conftest import load, run_cli
 
 
 def sigma64(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -163,8 +163,11 @@ def test_scope_include_exclude(trio):
     assert len(r.tensors) == 3 * 7 and all(t.module in ("q", "k", "v", "o", "gate", "up", "down") for t in r.tensors)
     r = stats(trio["base"], trio["instruct"], include=[r"layers\.1\."], exclude=["norm"])
     assert {t.layer for t in r.tensors} == {1} and len(r.tensors) == 7
-    with pytest.raises(ShadowgraftError, match="no floating tensor of the same name in common inside --scope"):
+    # An include that selects nothing is named on its own; one that the excludes empty again leaves nothing in common.
+    with pytest.raises(ShadowgraftError, match=r"^--include 'nothing-matches' matches no floating tensor inside --scope all of "):
         stats(trio["base"], trio["instruct"], include=["nothing-matches"])
+    with pytest.raises(ShadowgraftError, match="no floating tensor of the same name in common inside --scope"):
+        stats(trio["base"], trio["instruct"], include=["norm"], exclude=["norm"])
 
 
 def test_nan_inputs_are_flagged_and_json_stays_valid(tmp_path):
@@ -292,3 +295,32 @@ def test_verdict_band_of_real_pairs(tmp_path, gap, band, head, capsys):
     assert (d["band"], d["close"], d["threshold"]) == (band, 0.03, 0.12)
     with pytest.raises(ShadowgraftError, match=r"--close must be a positive number no larger than --threshold \(0.12\), got 0.5"):
         stats(trio["base"], trio["instruct"], close=0.5)
+
+
+def test_tensors_only_one_side_has_are_listed_whatever_their_dtype(tmp_path, capsys):
+    # all-MiniLM-style: A carries an int64 position_ids buffer (and a bool mask) that B lacks; B has a float one A lacks.
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    w = {f"encoder.layer.{i}.attention.self.query.weight": torch.randn(8, 8, generator=g) for i in range(2)}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_file({**w, "embeddings.position_ids": torch.arange(16).reshape(1, 16),
+               "encoder.layer.0.attention.mask": torch.ones(4, 4, dtype=torch.bool)}, str(tmp_path / "a" / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in w.items()} | {"pooler.dense.weight": torch.randn(8, 8, generator=g)},
+              str(tmp_path / "b" / "model.safetensors"))
+    r = stats(tmp_path / "a", tmp_path / "b")
+    assert r.only_in_a == ["embeddings.position_ids", "encoder.layer.0.attention.mask"]
+    assert r.only_in_b == ["pooler.dense.weight"]
+    d = json.loads(r.to_json())
+    assert d["only_in_a"] == r.only_in_a and d["only_in_b"] == r.only_in_b
+    rows = list(csv.DictReader(io.StringIO(r.to_csv())))
+    assert [(x["name"], x["only_in"]) for x in rows] == [(n, "") for n in w] + [
+        ("embeddings.position_ids", "A"), ("encoder.layer.0.attention.mask", "A"), ("pooler.dense.weight", "B")]
+    assert rows[-1]["sigma"] == "" and rows[0]["sigma"] != ""
+    # Narrowed by --scope like everything else: the mask sits in a block, position_ids does not.
+    assert stats(tmp_path / "a", tmp_path / "b", scope="linear").only_in_a == ["encoder.layer.0.attention.mask"]
+    code, out, err = run_cli(capsys, "stats", tmp_path / "a", tmp_path / "b", "--top", "0")
+    assert code == 0, err
+    assert "only in A (2): embeddings.position_ids, encoder.layer.0.attention.mask" in " ".join(out.split())
+    assert "only in B (1): pooler.dense.weight" in " ".join(out.split())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import out
+from ..display import out
 
 
 @click.command("demo")

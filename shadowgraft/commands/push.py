@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ..cli import out
+from ..display import out, shown
+from . import _common as check
 
 
 @click.command("push")
 @click.argument("folder")
-@click.argument("repo_id")
+@click.argument("repo_id", callback=check.repo_id)
 @click.option("--private", is_flag=True, help="Create the repo as private (no effect on an existing repo).")
 @click.option("--revision", metavar="BRANCH", help="Upload to this branch, creating it from main when missing.")
 @click.option("--commit-message", metavar="MSG", help="Commit title; defaults to one naming the instruct model, alpha and scope.")
@@ -18,6 +19,6 @@ def command(folder: str, repo_id: str, private: bool, revision: str | None, comm
 
     The token comes from `hf auth login` or HF_TOKEN.
     """
-    from ..hub import push
+    from ..publish import push
 
-    out.print(push(folder, repo_id, private=private, revision=revision, commit_message=commit_message), soft_wrap=True)
+    out.print(shown(push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)), soft_wrap=True)

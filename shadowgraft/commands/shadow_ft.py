@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..cli import MODEL_HELP, err, out
+from ..display import err, out
+from ._common import MODEL_HELP
 from .train import train_options
 
 

@@ -6,25 +6,27 @@ import sys
 
 import click
 
-from ..cli import err, out, progress_bar, selection_options
+from ..display import err, out, shown
 from ..errors import ShadowgraftError
+from . import _common as check
+from ._common import progress_bar, selection_options
 
 
 @click.command("stats")
 @click.argument("a", metavar="A")
 @click.argument("b", metavar="B")
 @click.option("--tuned", metavar="T", help="A fine-tuned A: also compare the change T-A with B-A, per layer.")
-@click.option("--json", "json_out", metavar="FILE|-", help="Write the report as JSON; '-' prints only JSON on stdout.")
-@click.option("--csv", "csv_out", metavar="FILE|-", help="Write one CSV row per compared tensor.")
-@click.option("--plot", "plot_out", metavar="FILE", help="Plot sigma per layer and module kind (.png, .svg or .pdf).")
+@click.option("--json", "json_out", metavar="FILE|-", callback=check.out_file, help="Write the report as JSON; '-' prints only JSON on stdout.")
+@click.option("--csv", "csv_out", metavar="FILE|-", callback=check.out_file, help="Write one CSV row per compared tensor.")
+@click.option("--plot", "plot_out", metavar="FILE", callback=check.out_file, help="Plot sigma per layer and module kind (.png, .svg or .pdf).")
 @click.option("--by", default="layer", show_default=True, type=click.Choice(["layer", "module", "tensor"]),
               help="Table to print after the summary.")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),
               help="Also list the N tensors with the largest sigma (0: none; with --by tensor, 0 lists all).")
-@click.option("--threshold", default=0.12, show_default=True, type=float,
+@click.option("--threshold", default=0.12, show_default=True, type=float, callback=check.positive_finite,
               help="Over this sigma_mean the weights diverge: likely not base and instruct of one release "
                    "(the pairs the paper grafts reach about 0.1).")
-@click.option("--close", default=None, type=float,
+@click.option("--close", default=None, type=float, callback=check.positive_finite,
               help="Under this sigma_mean (default 0.03) the two are close siblings: graft with alpha 1 (Llama-3.1-8B: about 0.016); "
                    "between --close and --threshold, graft and try an alpha grid.")
 @selection_options(default="all", verb="compare")
@@ -77,8 +79,8 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
             with open(dest, "w", encoding="utf-8", newline="") as f:
                 f.write(text())
             if not quiet:
-                con.print(f"wrote {dest}")
+                con.print(f"wrote {shown(dest)}")
     if plot_out:
         report.plot(plot_out)
         if not quiet:
-            con.print(f"wrote {plot_out}")
+            con.print(f"wrote {shown(plot_out)}")

@@ -6,7 +6,8 @@ import os
 
 import click
 
-from ..cli import MODEL_HELP, err, out
+from ..display import err, out
+from ._common import MODEL_HELP
 
 
 def train_options(f):

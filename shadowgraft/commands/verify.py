@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..cli import err, human, out, print_error, progress_bar, untrusted
+from ..display import err, human, out, print_error, shown
+from ._common import progress_bar
 
 
 @click.command("verify")
@@ -35,15 +36,15 @@ def command(folder: str, quick: bool, hash_files: bool, quiet: bool) -> None:
         if bar is not None:
             bar.stop()
     for w in report.warnings:
-        err.print(f"[yellow]warning:[/] {untrusted(w)}", soft_wrap=True, emoji=False)
+        err.print(f"[yellow]warning:[/] {shown(w)}", soft_wrap=True, emoji=False)
     for name, digest in report.sha256.items():
-        out.print(f"{digest}  {untrusted(name)}", soft_wrap=True, emoji=False)
+        out.print(f"{digest}  {shown(name)}", soft_wrap=True, emoji=False)
     if report.problems:
         for p in report.problems:
             print_error(p)
         raise click.exceptions.Exit(1)
     if not quiet:
         values = "every float value finite" if report.values_checked else "values not read (--quick)"
-        out.print(f"ok: {untrusted(str(report.path))}: {report.n_tensors} tensors in {len(report.files)} file(s), "
+        out.print(f"ok: {shown(str(report.path))}: {report.n_tensors} tensors in {len(report.files)} file(s), "
                   f"{human(report.nbytes)}; {values}", soft_wrap=True, emoji=False)
 
