@@ -106,6 +106,11 @@ def apply(
     modes = [base is not None or tuned is not None, delta is not None, adapter is not None]
     if sum(modes) != 1 or (modes[0] and (base is None or tuned is None)):
         raise ShadowgraftError("give exactly one of: --base with --tuned, --delta, or --adapter")
+    if push_to_hub and not dry_run:
+        # A bad id, or HF_HUB_OFFLINE, would otherwise fail only after the whole graft.
+        from .publish import check_push_target
+
+        check_push_target(push_to_hub)
     alphas = parse_alphas(alpha)
     rules = parse_alpha_for(alpha_for)
     out_dtype = parse_dtype(dtype)
@@ -284,7 +289,7 @@ def cli_line(*, include: Sequence[str], exclude: Sequence[str], tuned, alpha: tu
     return shlex.join(words)
 
 
-def _floats(text: str | float | Sequence[float], flag: str) -> tuple[float, ...]:
+def parse_floats(text: str | float | Sequence[float], flag: str) -> tuple[float, ...]:
     if isinstance(text, str):
         parts = [p.strip() for p in text.split(",")]
         try:
@@ -302,7 +307,7 @@ def _floats(text: str | float | Sequence[float], flag: str) -> tuple[float, ...]
 
 def parse_alphas(alpha: str | float | Sequence[float]) -> tuple[float, ...]:
     """``0.5`` -> ``(0.5,)``; ``"0.25,0.5,1.0"`` or a list -> a grid, one output per value."""
-    values = _floats(alpha, "--alpha")
+    values = parse_floats(alpha, "--alpha")
     if len(set(values)) != len(values):
         raise ShadowgraftError(f"--alpha {','.join(map(repr, values))}: a value is repeated, so two outputs would collide")
     return values
@@ -322,7 +327,7 @@ def parse_alpha_for(rules: Sequence[str | tuple[str, float]]) -> tuple[tuple[str
             re.compile(pattern)
         except re.error as e:
             raise ShadowgraftError(f"--alpha-for '{pattern}' is not a valid regular expression: {e}") from None
-        (v,) = _floats(str(value), f"--alpha-for '{pattern}'")
+        (v,) = parse_floats(str(value), f"--alpha-for '{pattern}'")
         out.append((pattern, v))
     return tuple(out)
 
@@ -341,7 +346,7 @@ def parse_mix(*, combine: str | None, weights, density: float | None, sparsify: 
     if combine is not None and n_tuned < 2:
         raise ShadowgraftError("--combine merges several deltas: give two or more --tuned (all tuned from --base)")
     n = max(n_tuned, 1)
-    w = _floats(weights, "--weights") if weights is not None else (1.0,) * n
+    w = parse_floats(weights, "--weights") if weights is not None else (1.0,) * n
     if len(w) != n:
         raise ShadowgraftError(f"--weights has {len(w)} value(s) for {n} --tuned checkpoint(s); give one per --tuned, in order")
     if combine == "ties" and min(w) <= 0:

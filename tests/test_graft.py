@@ -319,3 +319,11 @@ def test_quiet_still_prints_nonfinite_values(tmp_path, trio, capsys):
                              "-o", tmp_path / "o", "--dtype", "float16", "-q")
     assert code == 0 and out == ""
     assert "NaN/Inf values in 1 grafted tensor(s): model.layers.0.self_attn.q_proj.weight (1)" in " ".join(err.split())
+
+
+def test_push_target_is_checked_before_any_work_from_python(tmp_path, trio, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ShadowgraftError, match="HF_HUB_OFFLINE=1 is set"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o",
+                          push_to_hub="me/graft")
+    assert not (tmp_path / "o").exists()

@@ -226,3 +226,15 @@ def test_cli_combine_and_grid_in_one_call(tmp_path, skills, capsys):
     assert_exact(a[n], inst[n].double() + 0.5 * d)
     assert_exact(b[n], inst[n].double() + d)
     assert "2 outputs" in out
+
+
+@pytest.mark.parametrize("args, msg", [(["--weights", "1,x"], "--weights '1,x': give numbers"),
+                                       (["--density", "2"], "2.0 is not in (0, 1]")])
+def test_cli_bad_mix_values_are_usage_errors(tmp_path, skills, capsys, args, msg):
+    from .conftest import run_cli
+
+    trio, tuned = skills
+    code, out, err = run_cli(capsys, "apply", "--instruct", trio["instruct"], "--base", trio["base"], "--tuned", tuned[0],
+                             "--tuned", tuned[1], "--combine", "ties", *args, "-o", tmp_path / "o")
+    assert code == 2 and msg in " ".join(err.split())
+    assert not (tmp_path / "o").exists()

@@ -95,6 +95,17 @@ def _alpha_rules(values: tuple[str, ...]) -> None:
     parse_alpha_for(values)
 
 
+def _weights(value: str) -> None:
+    from ..graft import parse_floats
+
+    parse_floats(value, "--weights")
+
+
+def _density(value: float) -> None:
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise ShadowgraftError(f"{value} is not in (0, 1]")
+
+
 def _repo_id(value: str) -> None:
     from ..publish import check_repo_id
 
@@ -110,6 +121,8 @@ size_text = _api_check(_size)
 regexes = _api_check(_regexes)
 out_file = _api_check(_out_file)
 repo_id = _api_check(_repo_id)
+weights = _api_check(_weights)
+density = _api_check(_density)
 
 
 def selection_options(*, default: str = "linear", verb: str = "graft"):

@@ -23,8 +23,8 @@ from ._common import MODEL_HELP, print_notes, print_plan, progress_bar, selectio
               help="Per-tensor alpha: the first rule whose regex matches a tensor's name sets it (repeatable).")
 @click.option("--combine", type=click.Choice(["sum", "ties"]),
               help="Merge the deltas of several --tuned (all from --base) into ONE output: weighted sum, or TIES.")
-@click.option("--weights", metavar="W1,W2,...", help="Weights of the --tuned deltas, in --tuned order (default 1 each).")
-@click.option("--density", type=float, help="TIES: fraction of each delta kept by magnitude; DARE: keep probability.")
+@click.option("--weights", metavar="W1,W2,...", callback=check.weights, help="Weights of the --tuned deltas, in --tuned order (default 1 each).")
+@click.option("--density", type=float, callback=check.density, help="TIES: fraction of each delta kept by magnitude; DARE: keep probability.")
 @click.option("--sparsify", type=click.Choice(["dare"]), help="Drop delta elements at random (DARE) before combining.")
 @click.option("--seed", default=0, show_default=True, type=int, help="DARE's seed (with the tensor name and index, it fixes the mask).")
 @selection_options(default="linear", verb="graft")
