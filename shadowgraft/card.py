@@ -49,17 +49,6 @@ def card_text(record: dict, *, instruct_root: Path | None = None) -> str:
     return f"---\n{data.to_yaml()}\n---\n\n" + _body(record)
 
 
-def build_card(record: dict, *, instruct_root: Path | None = None):
-    """A huggingface_hub ``ModelCard`` for the graft described by ``record`` (the shadowgraft.json dict).
-
-    >>> build_card(json.load(open("out/shadowgraft.json"))).data.base_model_relation   # doctest: +SKIP
-    'merge'
-    """
-    from huggingface_hub import ModelCard
-
-    return ModelCard(card_text(record, instruct_root=instruct_root))
-
-
 def write_card(folder: Path, record: dict, *, instruct_root: Path | None = None) -> None:
     """Write ``folder/README.md`` for the graft described by ``record``."""
     (Path(folder) / "README.md").write_text(card_text(record, instruct_root=instruct_root), encoding="utf-8")
@@ -206,3 +195,33 @@ def _training(tr) -> list[str]:
     for k, v in (tr.get("hyperparameters") or {}).items():
         lines.append(f"| {k} | {v} |")
     return lines
+
+
+def write_delta_card(folder: Path, record: dict) -> None:
+    """README.md for a delta or shadow adapter: what it is, its inputs pinned, and how to use it."""
+    from huggingface_hub.repocard_data import ModelCardData
+
+    base = record["inputs"]["base"]
+    lowrank = record["kind"] == "lowrank"
+    data = ModelCardData(
+        base_model=base.get("repo_id"),
+        base_model_relation="adapter" if lowrank and base.get("repo_id") else None,
+        library_name="peft" if lowrank else None,
+        tags=["shadow-ft", "shadowgraft", "lora" if lowrank else "delta"],
+    )
+    what = ("a PEFT LoRA adapter approximating the fine-tuning change W_tuned - W_base (scale 1: B @ A is the change)"
+            if lowrank else "the fine-tuning change D = W_tuned - W_base, tensor by tensor")
+    use = ("shadowgraft apply --instruct INSTRUCT --adapter THIS_FOLDER --output OUT" if lowrank
+           else "shadowgraft apply --instruct INSTRUCT --delta THIS_FOLDER --output OUT")
+    lines = [f"# Shadow-FT {'shadow adapter' if lowrank else 'delta'}", "", f"Made with shadowgraft: {what}.", "",
+             "| input | source | revision |", "|---|---|---|"]
+    for label, d in record["inputs"].items():
+        lines.append(f"| {label} | `{d.get('repo_id') or d.get('path') or d.get('source')}` | `{d.get('commit') or '-'}` |")
+    if lowrank:
+        s = record["summary"]
+        lines += ["", f"{s['modules']} modules, ranks {s['rank_min']}..{s['rank_max']}; the adapter keeps "
+                  f"{100 * s['energy_total']:.2f}% of the change's energy (relative Frobenius error {s['rel_error_total']:.4f}); "
+                  f"{s['dropped']} tensor(s) that are not matrices were left out."]
+    lines += ["", "Graft it onto an instruct sibling of the base model:", "", f"    {use}", "",
+              "Reproduce with:", "", f"    {pinned_command(record)}", ""]
+    (Path(folder) / "README.md").write_text(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n", encoding="utf-8")

@@ -14,7 +14,6 @@ Two forms, both written atomically like ``apply``'s output:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shlex
@@ -28,9 +27,12 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .dtypes import parse_dtype
 from .errors import ShadowgraftError
+from .files import read_config
 from .header import FLOAT_DTYPES
 from .naming import module_kind
 from .plan import Item, Plan, parse_size, plan_shards, select
+from .card import write_delta_card
+from .record import write_record
 from .verify import check_written
 from .writer import OutputDir, write_index
 
@@ -193,8 +195,8 @@ def _write_delta(b, t, chosen, outdir: OutputDir, *, dtype, max_shard_size, devi
                       tensors=[i.name for i in plan.items], nonfinite=engine.stats.nonfinite,
                       seconds=round(time.perf_counter() - t0, 3), warnings=list(warnings),
                       usage="shadowgraft apply --instruct INSTRUCT --delta THIS_FOLDER --output OUT")
-        (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
-        write_card(tmp, record)
+        write_record(tmp, record)
+        write_delta_card(tmp, record)
     return DiffResult(outdir.final, "delta", plan=plan, warnings=list(warnings), bytes_written=engine.stats.bytes_written)
 
 
@@ -274,8 +276,8 @@ def _write_lowrank(b, t, chosen, outdir: OutputDir, *, rank, energy, dtype, devi
                       energy=energy, dtype=dtype, summary=summary, tensors=rows, warnings=list(warnings),
                       seconds=round(time.perf_counter() - t0, 3),
                       usage="shadowgraft apply --instruct INSTRUCT --adapter THIS_FOLDER --output OUT")
-        (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
-        write_card(tmp, record)
+        write_record(tmp, record)
+        write_delta_card(tmp, record)
     return DiffResult(outdir.final, "lowrank", tensors=rows, summary=summary, warnings=list(warnings),
                       bytes_written=writer.nbytes)
 
@@ -304,47 +306,10 @@ def _summary(rows: list[dict], nbytes: int) -> dict:
 
 def _model_kind(ck: Checkpoint) -> tuple[str | None, str | None]:
     """``(model_type, PEFT task_type)`` from the checkpoint's config.json, when it has one."""
-    f = ck.root / "config.json" if ck.root is not None else None
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8")) if f is not None and f.is_file() else {}
-    except (UnicodeDecodeError, ValueError):
-        cfg = {}
+    cfg = read_config(ck.root)
     archs = cfg.get("architectures") or []
     causal = any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
     return cfg.get("model_type"), "CAUSAL_LM" if causal else None
-
-
-def write_card(folder: Path, record: dict) -> None:
-    """README.md for a delta or shadow adapter: what it is, its inputs pinned, and how to use it."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .card import pinned_command
-
-    base = record["inputs"]["base"]
-    lowrank = record["kind"] == "lowrank"
-    data = ModelCardData(
-        base_model=base.get("repo_id"),
-        base_model_relation="adapter" if lowrank and base.get("repo_id") else None,
-        library_name="peft" if lowrank else None,
-        tags=["shadow-ft", "shadowgraft", "lora" if lowrank else "delta"],
-    )
-    what = ("a PEFT LoRA adapter approximating the fine-tuning change W_tuned - W_base (scale 1: B @ A is the change)"
-            if lowrank else "the fine-tuning change D = W_tuned - W_base, tensor by tensor")
-    use = ("shadowgraft apply --instruct INSTRUCT --adapter THIS_FOLDER --output OUT" if lowrank
-           else "shadowgraft apply --instruct INSTRUCT --delta THIS_FOLDER --output OUT")
-    lines = [f"# Shadow-FT {'shadow adapter' if lowrank else 'delta'}", "", f"Made with shadowgraft: {what}.", "",
-             "| input | source | revision |", "|---|---|---|"]
-    for label, d in record["inputs"].items():
-        lines.append(f"| {label} | `{d.get('repo_id') or d.get('path') or d.get('source')}` | `{d.get('commit') or '-'}` |")
-    if lowrank:
-        s = record["summary"]
-        lines += ["", f"{s['modules']} modules, ranks {s['rank_min']}..{s['rank_max']}; the adapter keeps "
-                  f"{100 * s['energy_total']:.2f}% of the change's energy (relative Frobenius error {s['rel_error_total']:.4f}); "
-                  f"{s['dropped']} tensor(s) that are not matrices were left out."]
-    lines += ["", "Graft it onto an instruct sibling of the base model:", "", f"    {use}", "",
-              "Reproduce with:", "", f"    {pinned_command(record)}", ""]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-    card.save(Path(folder) / "README.md")
 
 
 def is_embedding(name: str) -> bool:

@@ -185,3 +185,21 @@ def _from_index(index_path: Path) -> dict[str, Path]:
             raise ShadowgraftError(f"{index_path}: shard name '{shard}' leaves the checkpoint folder; refusing it")
         shards[shard] = regular_file(index_path.parent / p, index_path.parent, subject=f"shard '{shard}'", where=index_path)
     return {name: shards[shard] for name, shard in wmap.items()}
+
+
+def read_config(root: Path | None) -> dict:
+    """``root/config.json`` as a dict: ``{}`` when there is none, it is not a regular file of ``root``, or not a JSON object.
+
+    Used for hints (model type, architectures), never for a decision that
+    would be wrong without it.
+    """
+    import json
+
+    f = Path(root) / "config.json" if root is not None else None
+    if f is None or not os.path.lexists(f) or file_problem(f, Path(root)) is not None:
+        return {}
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}

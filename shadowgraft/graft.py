@@ -21,6 +21,7 @@ from .engine import Engine, Stats
 from .errors import ShadowgraftError
 from .mix import METHODS, Mix
 from .plan import Plan, parse_size, plan_graft
+from .record import write_record
 from .verify import check_written
 from .writer import OutputDir, check_output_path, copy_side_files, side_files, write_index
 
@@ -241,7 +242,7 @@ def _write(ins: Checkpoint, jobs: list[Job], *, dev: str, strict: bool, progress
                 copy_side_files(side, tmp)
                 record = provenance(job, command=command, device=str(dev), extra=extra)
                 record["outputs"] = outputs
-                (tmp / "shadowgraft.json").write_text(json.dumps(record, indent=2) + "\n")
+                write_record(tmp, record)
                 write_card(tmp, record, instruct_root=ins.root)
             except ShadowgraftError as e:
                 if len(jobs) == 1:

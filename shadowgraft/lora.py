@@ -40,11 +40,12 @@ from pathlib import Path
 from typing import Sequence
 
 from .checkpoint import Checkpoint, is_repo_spec, missing_path
-from .files import pickle_refusal, regular_file
+from .files import file_problem, pickle_refusal, read_config, regular_file
 from .errors import ShadowgraftError
 from .header import TensorInfo
 from .naming import module_kind
 from .plan import LoraTerm, Plan, items_with, plan_shards, select
+from .record import RECORD_NAME, read_record
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -188,7 +189,7 @@ def open_adapter(spec: str | os.PathLike) -> Adapter:
 def _read_config(folder: Path) -> dict:
     f = folder / CONFIG_NAME
     if not os.path.lexists(f):
-        if (folder / "shadowgraft.json").is_file() and '"kind": "delta"' in (folder / "shadowgraft.json").read_text():
+        if file_problem(folder / RECORD_NAME, folder) is None and (read_record(folder) or {}).get("kind") == "delta":
             raise ShadowgraftError(f"{folder}: a full delta written by shadowgraft diff, not an adapter; pass it with --delta")
         raise ShadowgraftError(f"{folder}: no {CONFIG_NAME}; this is not a PEFT adapter folder")
     regular_file(f, folder)  # before reading: a FIFO would block, a link could point anywhere
@@ -415,12 +416,7 @@ def plan_adapter(
 
 def _model_type(ins: Checkpoint) -> str | None:
     """``model_type`` from the instruct checkpoint's config.json, when it has a readable one."""
-    f = ins.root / "config.json" if ins.root is not None else None
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8")) if f is not None and f.is_file() else {}
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+    mt = read_config(ins.root).get("model_type")
     return mt if isinstance(mt, str) else None
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 from .checkpoint import Checkpoint
 from .errors import ShadowgraftError
+from .files import SINGLE_NAME
 from .header import DTYPE_BITS, TensorInfo
 from .mix import Mix
 from .naming import SCOPES, in_scope, sibling_weight
@@ -284,34 +285,49 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
 
 
+def pack(sizes: Iterable[tuple[object, int]], max_bytes: int | None) -> list[tuple[str, list]]:
+    """Pack ``(key, nbytes)`` greedily, in order, into files of at most ``max_bytes`` (one file when None).
+
+    The one shard-packing rule (grafts, training saves, synthetic test
+    models): files are named the Hugging Face way, ``model.safetensors`` or
+    ``model-0000k-of-0000n.safetensors``. A tensor larger than the limit
+    gets a file of its own.
+
+    >>> pack([("a", 3), ("b", 3), ("c", 3)], 6)
+    [('model-00001-of-00002.safetensors', ['a', 'b']), ('model-00002-of-00002.safetensors', ['c'])]
+    """
+    groups: list[list] = [[]]
+    size = 0
+    for key, nbytes in sizes:
+        if max_bytes is not None and groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    n = len(groups)
+    names = [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    return list(zip(names, groups))
+
+
+def aligned(name: str, items: Iterable[Item]) -> Shard:
+    """A shard of ``items`` with wider dtypes first, so every tensor stays aligned to its element size (as safetensors does)."""
+    return Shard(name, tuple(sorted(items, key=lambda i: -DTYPE_BITS[i.dtype])))
+
+
 def plan_shards(instruct: Checkpoint, items: list[Item], max_shard_size: int | None) -> list[Shard]:
     """Group items into output files.
 
     With no size limit the output mirrors instruct's files (same names, same
     tensors per file), which is what users of the instruct model expect.
-    Otherwise items are packed greedily in instruct's order and named the
-    Hugging Face way. Inside a file, wider dtypes come first so every tensor
-    stays aligned to its element size (safetensors does the same).
+    Otherwise items are packed greedily in instruct's order (``pack``).
     """
-    groups: list[list[Item]] = []
     if max_shard_size is None:
         by_file: dict = {}
         for it in items:
             by_file.setdefault(it.src.file, []).append(it)
-        groups = list(by_file.values())
-        names = [f.name for f in by_file] if len(by_file) > 1 else ["model.safetensors"]
-    else:
-        if max_shard_size <= 0:
-            raise ShadowgraftError("--max-shard-size must be positive")
-        size = 0
-        for it in items:
-            if not groups or (size + it.nbytes > max_shard_size and groups[-1]):
-                groups.append([])
-                size = 0
-            groups[-1].append(it)
-            size += it.nbytes
-        n = len(groups)
-        names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    if not groups:
-        groups, names = [[]], ["model.safetensors"]
-    return [Shard(name, tuple(sorted(g, key=lambda i: -DTYPE_BITS[i.dtype]))) for name, g in zip(names, groups)]
+        if len(by_file) <= 1:
+            return [aligned(SINGLE_NAME, items)]
+        return [aligned(f.name, g) for f, g in by_file.items()]
+    if max_shard_size <= 0:
+        raise ShadowgraftError("--max-shard-size must be positive")
+    return [aligned(name, g) for name, g in pack(((it, it.nbytes) for it in items), max_shard_size)]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import shlex
 from pathlib import Path
 
 from .errors import ShadowgraftError
 from .hub import INDEX_PATTERN, explain_http, first_line, is_offline
+from .record import read_record
 
 # Folders above this go through upload_large_folder (resumable, many commits)
 # when the installed huggingface_hub has it. Versions without it (2.x) stream
@@ -114,10 +114,10 @@ def check_folder(path: Path) -> set[str]:
 
 def _default_message(path: Path) -> str:
     try:
-        record = json.loads((path / "shadowgraft.json").read_text(encoding="utf-8"))
+        record = read_record(path) or {}
         ins = record["inputs"]["instruct"]
         return f"Shadow-FT graft onto {ins.get('repo_id') or ins.get('source')} (alpha={record['alpha']}, scope={record['scope']})"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ShadowgraftError, KeyError, TypeError):
         return "Upload checkpoint with shadowgraft"
 
 

@@ -13,8 +13,8 @@ from typing import Mapping
 import torch
 
 from .dtypes import code_of, torch_dtype
-from .header import DTYPE_BITS, TensorInfo
-from .plan import Item, Shard, parse_size
+from .header import TensorInfo
+from .plan import Item, Shard, aligned, pack, parse_size
 from .writer import shard_header, write_index
 
 
@@ -26,23 +26,14 @@ def plan_tensors(tensors: Mapping[str, torch.Tensor], *, max_shard_size: str | i
     Inside a shard wider dtypes come first so every tensor stays aligned to its element size.
     ``dtypes`` gives the output dtype of some tensors (default: their own).
     """
-    limit = parse_size(max_shard_size)
-    groups: list[list[Item]] = [[]]
-    size = 0
+    items = []
     for name, t in tensors.items():
         dt = (dtypes or {}).get(name, t.dtype)
         code = code_of(dt)
         nbytes = t.numel() * torch.empty((), dtype=dt).element_size()
         # The writer only needs name, dtype and shape; this Item has no source file.
-        item = Item(name, "copy", code, TensorInfo(name, code, tuple(t.shape), Path(name), 0, nbytes))
-        if limit is not None and groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += nbytes
-    n = len(groups)
-    names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    return [Shard(f, tuple(sorted(g, key=lambda i: -DTYPE_BITS[i.dtype]))) for f, g in zip(names, groups)]
+        items.append(Item(name, "copy", code, TensorInfo(name, code, tuple(t.shape), Path(name), 0, nbytes)))
+    return [aligned(f, g) for f, g in pack(((it, it.nbytes) for it in items), parse_size(max_shard_size))]
 
 
 def save_tensors(folder: str | Path, tensors: Mapping[str, torch.Tensor], *, max_shard_size: str | int | None = None,

@@ -15,6 +15,9 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import save_file
 
+from .files import INDEX_NAME
+from .plan import pack
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -109,19 +112,10 @@ def write_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     isz = torch.empty((), dtype=dtype).element_size()
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in names:
-        nb = isz * (torch.Size(shape).numel())
-        if shard_bytes and groups[-1] and size + nb > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += nb
-    n = len(groups)
-    files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    packed = pack((((name, shape), isz * torch.Size(shape).numel()) for name, shape in names), shard_bytes or None)
+    n = len(packed)
     wmap, total = {}, 0
-    for file, group in zip(files, groups):
+    for file, group in packed:
         tensors = {name: make(name, shape).to(dtype).contiguous() for name, shape in group}
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         for name, t in tensors.items():
@@ -130,7 +124,7 @@ def write_checkpoint(
         del tensors
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": wmap}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder

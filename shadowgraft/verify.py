@@ -22,8 +22,8 @@ from .checkpoint import Checkpoint, is_repo_spec
 from .errors import ShadowgraftError
 from .files import Layout, file_problem, foreign_entries, locate
 from .header import DTYPE_BITS, Header, TensorInfo, read_header
+from .record import RECORD_NAME, read_record
 
-RECORD_NAME = "shadowgraft.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -255,12 +255,9 @@ def _check_index(index, index_path, tensors, held, bad_files, problems, warnings
 def _check_record(folder: Path, headers: list[Header], tensors: dict[str, TensorInfo], bad_files, odd, problems, warnings) -> None:
     p = folder / RECORD_NAME
     try:
-        rec = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        problems.append(f"{p}: not valid JSON; it was changed after shadowgraft wrote it")
-        return
-    if not isinstance(rec, dict):
-        problems.append(f"{p}: not a JSON object; it was changed after shadowgraft wrote it")
+        rec = read_record(folder)
+    except ShadowgraftError as e:
+        problems.append(str(e))
         return
     lists = {}
     for key in ("grafted", "copied"):

@@ -21,14 +21,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ShadowgraftError
-from .files import regular_file
+from .files import INDEX_NAME, regular_file
 from .plan import Shard
+from .record import RECORD_NAME
 
 # Weights of any framework and files we write ourselves are not copied from instruct.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx", ".ot")
-INDEX_FILE = "model.safetensors.index.json"
-_SKIP_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", "shadowgraft.json", ".gitattributes"}
-RECORD_NAME = "shadowgraft.json"  # what every apply and diff output holds: the mark of a folder --overwrite may replace
+_SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "README.md", RECORD_NAME, ".gitattributes"}
 
 
 def shard_header(shard: Shard, metadata: dict[str, str] | None = None) -> bytes:
@@ -54,8 +53,8 @@ def write_index(folder: Path, shards) -> str | None:
     """Write ``model.safetensors.index.json`` when there is more than one shard; returns its name if written."""
     if len(shards) <= 1:
         return None
-    (Path(folder) / INDEX_FILE).write_text(json.dumps(index_json(shards), indent=2) + "\n")
-    return INDEX_FILE
+    (Path(folder) / INDEX_NAME).write_text(json.dumps(index_json(shards), indent=2) + "\n")
+    return INDEX_NAME
 
 
 def side_files(src: Path | None) -> list[Path]:

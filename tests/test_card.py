@@ -10,7 +10,9 @@ from huggingface_hub import ModelCard
 
 import shadowgraft
 from shadowgraft import Checkpoint
-from shadowgraft.card import build_card, pinned_command, write_card
+from huggingface_hub import ModelCard
+
+from shadowgraft.card import card_text, pinned_command, write_card
 from shadowgraft.synthetic import Shape, make_trio
 
 from .test_hub import to_cache
@@ -115,18 +117,18 @@ def test_license_is_copied_from_the_instruct_card(tmp_path, readme, want):
 def test_similarity_summary_is_rendered_when_present():
     sim = {"a": "org/b", "b": "org/i", "sigma_max": 0.0412, "sigma_mean": 0.01623, "n_tensors": 196,
            "sigma_median": 0.0158, "layers": [{"layer": 0}]}
-    text = build_card(record(similarity=sim)).text
+    text = ModelCard(card_text(record(similarity=sim))).text
     assert "between org/b and org/i" in text
     table = text.split("| statistic | value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
     assert table == ["| sigma_mean | 0.01623 |", "| sigma_median | 0.0158 |", "| sigma_max | 0.0412 |", "| n_tensors | 196 |"]
-    assert "## Similarity" not in build_card(record()).text
+    assert "## Similarity" not in ModelCard(card_text(record())).text
 
 
 def test_warnings_nonfinite_and_adapter_rows():
     rec = record(warnings=["tensor x kept"], nonfinite={"model.layers.0.mlp.up_proj.weight": 3}, mode="adapter")
     rec["inputs"]["adapter"] = {"source": "me/lora", "repo_id": "me/lora", "revision": "v2", "commit": "f" * 40,
                                 "r": 8, "lora_alpha": 16, "use_rslora": False, "base_model_name_or_path": "org/b"}
-    card = build_card(rec)
+    card = ModelCard(card_text(rec))
     assert card.data.to_dict()["base_model"] == ["org/i", "me/lora"]
     assert "- tensor x kept" in card.text and "- `model.layers.0.mlp.up_proj.weight`: 3 NaN/Inf value(s)" in card.text
     assert "| LoRA rank | 8 |" in card.text and "| LoRA alpha | 16 (rsLoRA: False) |" in card.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..display import err, out
+from . import _common as check
 from ._common import MODEL_HELP
 from .train import train_options
 
@@ -18,8 +19,9 @@ from .train import train_options
 @click.option("--alpha", default=1.0, show_default=True, type=float, help="Scale of the grafted change.")
 @click.option("--scope", default="linear", show_default=True, type=click.Choice(["linear", "attn", "mlp", "all"]),
               help="Which tensors are grafted (full fine-tuning; LoRA grafts what it trained).")
-@click.option("--max-sigma", type=float, help="Warn when base and instruct differ by more than this sigma_mean  [default: 0.05]")
-@click.option("--push-to-hub", metavar="REPO_ID", help="Upload the grafted model to this Hub repo.")
+@click.option("--max-sigma", type=float, callback=check.positive_finite,
+              help="Warn when base and instruct differ by more than this sigma_mean  [default: 0.12]")
+@click.option("--push-to-hub", metavar="REPO_ID", callback=check.repo_id, help="Upload the grafted model to this Hub repo.")
 @click.option("--private", is_flag=True, help="Create the Hub repo as private.")
 @click.option("--overwrite", is_flag=True, help="Delete the run folder and start over (otherwise finished stages are reused).")
 @train_options
@@ -27,9 +29,12 @@ def command(**kw) -> None:
     """Fine-tune BASE on the data, graft the change onto INSTRUCT, write a model card (and push)."""
     from ..pipeline import shadow_ft
 
+    if kw["push_to_hub"]:
+        # Offline or a bad id would otherwise fail only after training and grafting.
+        from ..publish import check_push_target
+
+        check_push_target(kw["push_to_hub"])
     quiet = kw.pop("quiet")
-    keys = ("base", "instruct", "data", "output", "alpha", "scope", "max_sigma", "push_to_hub", "private", "overwrite")
-    main = {k: kw.pop(k) for k in keys}
-    res = shadow_ft(**main, **kw, quiet=quiet, console=None if quiet else err)
+    res = shadow_ft(**kw, quiet=quiet, console=None if quiet else err)
     if not quiet:
         out.print(f"grafted model in {res.model}" + (f"; pushed to {res.url}" if res.url else ""))
