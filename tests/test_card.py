@@ -10,8 +10,6 @@ from huggingface_hub import ModelCard
 
 import shadowgraft
 from shadowgraft import Checkpoint
-from huggingface_hub import ModelCard
-
 from shadowgraft.card import card_text, pinned_command, write_card
 from shadowgraft.synthetic import Shape, make_trio
 

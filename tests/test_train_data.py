@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from shadowgraft import ShadowgraftError
 from shadowgraft.train.data import IGNORE, Example, assistant_spans, collate, encode, pack, read_records
 
-from .tiny_lm import CHATML, write_jsonl
+from .tiny_lm import CHATML, assert_line_error, chatml_tokenizer, write_jsonl  # noqa: F401 (chatml_tokenizer is the tok fixture)
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from .tiny_lm import tiny_tokenizer
-
-    return tiny_tokenizer(tmp_path_factory.mktemp("tok"), chat_template=CHATML)
 
 
 def test_each_shape_parses_to_the_same_conversation(tmp_path):
@@ -70,11 +62,7 @@ def test_blank_lines_are_skipped_but_count_towards_line_numbers(tmp_path):
     ('{"text": ""}', "'text' must be a non-empty string"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
-    path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "fine"}\n{"text": "fine"}\n' + line + "\n")
-    with pytest.raises(ShadowgraftError) as e:
-        read_records(path)
-    assert str(e.value) == f"{path}:3: {message}"
+    assert_line_error(read_records, tmp_path / "d.jsonl", '{"text": "fine"}\n{"text": "fine"}\n' + line + "\n", message)
 
 
 def test_missing_and_empty_files(tmp_path):

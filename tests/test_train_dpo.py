@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,9 @@ import torch
 from shadowgraft import ShadowgraftError
 from shadowgraft.train import TrainConfig, train
 
-from .conftest import assert_exact, load, run_cli, ulp_distance
+from .conftest import assert_exact, load, run_cli
 from .tiny_lm import pair  # noqa: F401  (module fixture)
-from .tiny_lm import pref_rows, write_jsonl
+from .tiny_lm import assert_same_weights, torchrun_train, pref_rows, write_jsonl
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -181,10 +178,7 @@ def test_torchrun_two_ranks_match_one_process(pair, tmp_path, lora):
             "--chat-template-from", str(pair["instruct"]), "--batch-size", "2", "--grad-accum", "1", "--lr", str(lr),
             "--max-steps", "4", "--no-gradient-checkpointing", "--device", "cpu", "-q"]
     args += ["--lora-rank", str(lora)] if lora else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "shadowgraft.train", *args], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_train(args)
     a, b = log(one), log(two)
     assert [x["step"] for x in b] == [1, 2, 3, 4]
     for k in ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "lr"):
@@ -194,13 +188,7 @@ def test_torchrun_two_ranks_match_one_process(pair, tmp_path, lora):
         ra, rb = (json.loads((p / "reference_logps.json").read_text())["logps"] for p in (one, two))
         assert len(ra) == 5 and sum(rb, []) == pytest.approx(sum(ra, []), rel=1e-6)
     name = "adapter_model.safetensors" if lora else "model.safetensors"
-    wa, wb = load(one / name), load(two / name)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        if wa[k].dtype == torch.bfloat16:
-            assert int(ulp_distance(wb[k], wa[k].double()).max()) <= 1, k
-        else:
-            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+    assert_same_weights(one, two, name)
 
 
 def test_full_dpo_resume_continues_exactly_and_needs_its_reference(pair, prefs, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,9 +16,9 @@ from shadowgraft.train import TrainConfig, train
 from shadowgraft.train.loop import cosine_lr, step_examples
 from shadowgraft.train.model import require_extra
 
-from .conftest import load, ulp_distance
+from .conftest import load
 from .tiny_lm import pair  # noqa: F401  (module fixture)
-from .tiny_lm import qa_rows, tiny_pair, write_jsonl
+from .tiny_lm import assert_same_weights, torchrun_train, qa_rows, tiny_pair, write_jsonl
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -219,24 +218,14 @@ def test_torchrun_two_ranks_match_one_process(pair, tmp_path, lora):
     args = ["--model", str(pair["base"]), "--data", str(pair["data"]), "--output", str(two), "--chat-template-from",
             str(pair["instruct"]), "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2", "--max-steps", "4",
             "--no-gradient-checkpointing", "--device", "cpu", "-q"] + (["--lora-rank", str(lora)] if lora else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    # --standalone: a free port each time (the fixed default, 29500, can still be held by the previous run).
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "shadowgraft.train", *args], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_train(args)
     a, b = log(one), log(two)
     assert [x["step"] for x in b] == [1, 2, 3, 4]
     assert [x["loss"] for x in b] == pytest.approx([x["loss"] for x in a], rel=1e-5)
     assert [x["lr"] for x in b] == [x["lr"] for x in a]
     assert b[-1]["loss"] < b[0]["loss"]
     name = "adapter_model.safetensors" if lora else "model.safetensors"
-    wa, wb = load(one / name), load(two / name)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        if wa[k].dtype == torch.bfloat16:
-            assert int(ulp_distance(wb[k], wa[k].double()).max()) <= 1, k
-        else:
-            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+    assert_same_weights(one, two, name)
 
 
 def test_packed_examples_do_not_see_each_other(tmp_path):

@@ -8,20 +8,13 @@ from shadowgraft import ShadowgraftError
 from shadowgraft.train.data import IGNORE, read_records
 from shadowgraft.train.prefs import collate_pairs, encode_pairs, read_pairs
 
-from .tiny_lm import CHATML, write_jsonl
+from .tiny_lm import CHATML, assert_line_error, chatml_tokenizer, write_jsonl  # noqa: F401 (chatml_tokenizer is the tok fixture)
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from .tiny_lm import tiny_tokenizer
-
-    return tiny_tokenizer(tmp_path_factory.mktemp("tok"), chat_template=CHATML)
 
 
 def labelled(tok, ex) -> str:
@@ -102,11 +95,8 @@ def test_truncation_keeps_the_prompt_start_and_drops_pairs_with_no_response_left
      '[{"role": "assistant", "content": "z"}]}', "'chosen' message 0 needs 'role' and 'content'"),
 ])
 def test_malformed_pair_names_file_and_line(tmp_path, line, message):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n' + line + "\n")
-    with pytest.raises(ShadowgraftError) as e:
-        read_pairs(path)
-    assert str(e.value) == f"{path}:3: {message}"
+    text = '{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n' + line + "\n"
+    assert_line_error(read_pairs, tmp_path / "p.jsonl", text, message)
 
 
 def test_one_shape_per_file(tmp_path):

@@ -36,6 +36,12 @@ def tiny_tokenizer(folder: Path, *, chat_template: str | None = None):
     return fast
 
 
+@pytest.fixture(scope="module", name="tok")
+def chatml_tokenizer(tmp_path_factory):
+    """The tiny tokenizer with a ChatML template, once per test module."""
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"), chat_template=CHATML)
+
+
 def tiny_llama(folder: Path, *, vocab: int, seed: int = 0, tie: bool = False, dtype=torch.bfloat16, perturb_from=None,
                gap: float = 0.02, init_std: float = 0.2):
     """A 2-layer Llama (hidden 32) saved in ``dtype``; with ``perturb_from`` it is that model plus relative noise ``gap``."""
@@ -94,3 +100,40 @@ def pref_rows(n: int = 4) -> list[dict]:
             ("the quick brown fox", "jumps over the lazy dog", "is brown"), ("add 3 and 4", "7", "8"),
             ("what is 0 + 1?", "1", "0")]
     return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows[:n]]
+
+
+def assert_same_weights(one: Path, two: Path, name: str) -> None:
+    """Two training runs' saved weights agree: bf16 within 1 ulp, fp32 to 1e-4 relative."""
+    from .conftest import load, ulp_distance
+
+    wa, wb = load(one / name), load(two / name)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if wa[k].dtype == torch.bfloat16:
+            assert int(ulp_distance(wb[k], wa[k].double()).max()) <= 1, k
+        else:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+def torchrun_train(args: list[str]):
+    """``shadowgraft train ARGS`` as two CPU processes under torchrun (gloo); fails the test when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # --standalone: a free port each time (the fixed default, 29500, can still be held by the previous run).
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "shadowgraft.train", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def assert_line_error(read, path: Path, text: str, message: str) -> None:
+    """``read(path)`` of a file whose third line is bad fails with ``path:3: message``, exactly."""
+    from shadowgraft import ShadowgraftError
+
+    path.write_text(text)
+    with pytest.raises(ShadowgraftError) as e:
+        read(path)
+    assert str(e.value) == f"{path}:3: {message}"

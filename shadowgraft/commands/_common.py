@@ -154,6 +154,36 @@ def progress_bar(quiet: bool):
                     TimeRemainingColumn(), console=err, transient=True)
 
 
+class ByteProgress:
+    """A byte-progress bar on a terminal, nothing otherwise: ``grow(n)`` adds work, ``advance`` is the API's callback.
+
+    >>> with ByteProgress(quiet, "grafting") as p:                              # doctest: +SKIP
+    ...     apply(..., on_plan=lambda plan: p.grow(plan.nbytes), progress=p.advance)
+    """
+
+    def __init__(self, quiet: bool, label: str):
+        self.bar, self.label, self.task = progress_bar(quiet), label, None
+
+    def grow(self, nbytes: int) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=0)
+        self.bar.update(self.task, total=self.bar.tasks[0].total + nbytes)
+
+    @property
+    def advance(self):
+        return None if self.bar is None else (lambda n: self.bar.advance(self.task, n))
+
+    def __enter__(self) -> "ByteProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def print_plan(plan, verbose: bool = False) -> None:
     """The ``--dry-run`` table: every tensor that is not a plain copy, then the counts."""
     from rich.table import Table

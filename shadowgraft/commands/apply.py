@@ -6,7 +6,7 @@ import click
 
 from ..display import err, human, out, shown
 from . import _common as check
-from ._common import MODEL_HELP, print_notes, print_plan, progress_bar, selection_options
+from ._common import MODEL_HELP, ByteProgress, print_notes, print_plan, selection_options
 
 
 @click.command("apply")
@@ -49,30 +49,20 @@ def command(quiet: bool, **kw) -> None:
         check_push_target(kw["push_to_hub"])
     kw["tuned"] = None if not kw["tuned"] else kw["tuned"][0] if len(kw["tuned"]) == 1 else list(kw["tuned"])
     kw["alpha_for"] = list(kw["alpha_for"])
-    bar = progress_bar(quiet)
     dry = kw["dry_run"]
-
     seen: set = set()
+    with ByteProgress(quiet or dry, "grafting") as bar:
 
-    def on_plan(plan):
-        if dry:
-            print_plan(plan)
-        elif not quiet and (plan.warnings, plan.notes) not in seen:
-            # A grid's outputs share their warnings and notes: say them once.
-            seen.add((plan.warnings, plan.notes))
-            print_notes(plan)
-        if bar is not None and not dry:
-            bar.start()
-            if getattr(on_plan, "task", None) is None:
-                on_plan.task = bar.add_task("grafting", total=0)
-            bar.update(on_plan.task, total=bar.tasks[0].total + plan.nbytes)
+        def on_plan(plan):
+            if dry:
+                print_plan(plan)
+            elif not quiet and (plan.warnings, plan.notes) not in seen:
+                # A grid's outputs share their warnings and notes: say them once.
+                seen.add((plan.warnings, plan.notes))
+                print_notes(plan)
+            bar.grow(plan.nbytes)
 
-    progress = (lambda n: bar.advance(on_plan.task, n)) if bar is not None else None
-    try:
-        res = graft.apply(**kw, progress=progress, on_plan=on_plan)
-    finally:
-        if bar is not None:
-            bar.stop()
+        res = graft.apply(**kw, progress=bar.advance, on_plan=on_plan)
     if dry:
         return
     for r in res.results:

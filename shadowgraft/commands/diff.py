@@ -6,7 +6,7 @@ import click
 
 from ..display import cell, err, human, out, shown
 from . import _common as check
-from ._common import MODEL_HELP, progress_bar, selection_options
+from ._common import MODEL_HELP, ByteProgress, selection_options
 
 
 @click.command("diff", help="Write TUNED - BASE: the full delta (for `apply --delta`), or with --rank/--energy a PEFT "
@@ -32,20 +32,8 @@ from ._common import MODEL_HELP, progress_bar, selection_options
 def command(base: str, tuned: str, quiet: bool, **kw) -> None:
     from ..diff import diff
 
-    bar = progress_bar(quiet)
-    state: dict = {}
-
-    def on_total(total: int) -> None:
-        if bar is not None:
-            bar.start()
-            state["task"] = bar.add_task("diffing", total=total)
-
-    progress = (lambda n: bar.advance(state["task"], n)) if bar is not None else None
-    try:
-        res = diff(base=base, tuned=tuned, progress=progress, on_total=on_total, **kw)
-    finally:
-        if bar is not None:
-            bar.stop()
+    with ByteProgress(quiet, "diffing") as bar:
+        res = diff(base=base, tuned=tuned, progress=bar.advance, on_total=bar.grow, **kw)
     if quiet:
         return
     for w in res.warnings:

@@ -9,7 +9,7 @@ import click
 from ..display import err, out, shown
 from ..errors import ShadowgraftError
 from . import _common as check
-from ._common import progress_bar, selection_options
+from ._common import ByteProgress, selection_options
 
 
 @click.command("stats")
@@ -48,21 +48,9 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
         check_plot(plot_out)
     # With '-' stdout carries exactly one document; everything human goes to stderr.
     con = err if "-" in (json_out, csv_out) else out
-    bar = progress_bar(quiet)
-    task = []
-
-    def on_start(total: int) -> None:
-        if bar is not None:
-            bar.start()
-            task.append(bar.add_task("comparing", total=total))
-
-    progress = (lambda n: bar.advance(task[0], n)) if bar is not None else None
-    try:
+    with ByteProgress(quiet, "comparing") as bar:
         report = stats(a, b, tuned=tuned, scope=scope, include=include, exclude=exclude, threshold=threshold, close=close,
-                       progress=progress, on_start=on_start)
-    finally:
-        if bar is not None:
-            bar.stop()
+                       progress=bar.advance, on_start=bar.grow)
     if strict and report.summary.n_nonfinite:
         bad = [t for t in report.tensors if t.sums.nonfinite]
         t = bad[0].sums
