@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ShadowgraftError
+from .writer import LICENSE_FILES, SIDE_FILES
 
-# Small files a checkpoint needs besides its weights. README.md carries the
-# license that the model card copies. Pickle weights (*.bin, *.pt), GGUF files
-# and optimizer states are never named, so they are never downloaded.
-SIDE_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab*", "merges.txt", "*.model", "chat_template*", "preprocessor_config.json", "README.md", "LICENSE*",
-)
+# Small files a checkpoint needs besides its weights: what transformers reads
+# (writer.SIDE_FILES, the list local copies use too), the license, and
+# README.md, whose license metadata the model card copies. Pickle weights
+# (*.bin, *.pt), GGUF files and optimizer states are never named, so they are
+# never downloaded.
+SIDE_PATTERNS = (*SIDE_FILES, *LICENSE_FILES, "README.md")
 INDEX_PATTERN = "*.safetensors.index.json"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
