@@ -164,6 +164,11 @@ def build_base(fam: Family, folder: Path, *, seed: int = 0) -> Path:
     """Random weights from ``fam``'s config, saved by transformers in bf16."""
     torch.manual_seed(seed)
     model = model_class(fam.cls)(fam.config())
+    with torch.no_grad():
+        for p in model.parameters():
+            # Biases start at zero; relative noise on zero is no pair a user would graft.
+            if p.is_floating_point() and not p.any():
+                p.normal_(0, 0.02)
     model.to(torch.bfloat16).save_pretrained(folder)
     return folder
 
@@ -236,3 +241,43 @@ def text_only(fam: Family, src: Path, dst: Path) -> Path:
     """``text_model`` of ``src`` saved by transformers: names as a text-only fine-tune writes them."""
     text_model(fam, src).save_pretrained(dst)
     return dst
+
+
+def scope_table(root: Path) -> str:
+    """The README's family table: per family, what ``apply`` grafts by default and what it copies.
+
+    Run ``python -m tests.zoo`` to regenerate it.
+    """
+    import re
+
+    from shadowgraft.checkpoint import Checkpoint
+    from shadowgraft.plan import select
+
+    def short(names: list[str]) -> str:
+        # Grouped by block prefix (one per tower); block and expert indices collapse to N and E.
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            m = re.match(r"^(.*?(?:layers|layer|h|blocks|block)\.)\d+\.(.*)$", n)
+            head, rest = (m.group(1) + "N.", m.group(2)) if m else ("", n)
+            rest = re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.E.", rest)
+            if rest not in groups.setdefault(head, []):
+                groups[head].append(rest)
+        return "<br>".join(f"`{h}`: {', '.join(sorted(v))}" for h, v in groups.items())
+
+    rows = ["| family (class) | grafted by default | copied (inside blocks) |", "|---|---|---|"]
+    for name, fam in FAMILIES.items():
+        folder = build_base(fam, root / name)
+        with Checkpoint.open(folder) as ck:
+            pick = select(ck, scope="linear")
+            from shadowgraft.naming import block_index
+
+            grafted = [n for n in ck.tensors if pick(n)]
+            copied = [n for n in ck.tensors if not pick(n) and block_index(n) is not None]
+        rows.append(f"| {name} (`{fam.cls}`) | {short(grafted)} | {short(copied)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    print(scope_table(Path(tempfile.mkdtemp())))
