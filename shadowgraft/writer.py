@@ -22,25 +22,10 @@ from pathlib import Path
 
 from .errors import ShadowgraftError
 from .files import INDEX_NAME, regular_file
+from .hub import LICENSE_FILES, SIDE_FILES
 from .plan import Shard
 from .record import RECORD_NAME
 
-# What transformers and its processors read besides the weights, as glob
-# patterns relative to the model folder: one list for local copies
-# (copy_side_files) and Hub downloads (hub.SIDE_PATTERNS). Multimodal and
-# newer models add processor, image/video preprocessor and chat template
-# files; trust_remote_code models name their modules in config.json's auto_map.
-SIDE_FILES = (
-    "config.json", "generation_config.json",
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model", "*.tiktoken",
-    "tekken.json",
-    "chat_template.jinja", "chat_template.json", "additional_chat_templates/*.jinja",
-    "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json", "audio_tokenizer_config.json",
-    "configuration_*.py", "modeling_*.py", "tokenization_*.py", "processing_*.py", "image_processing_*.py",
-    "video_processing_*.py", "feature_extraction_*.py",
-)
-# Not read by transformers, but a model's license travels with it.
-LICENSE_FILES = ("LICENSE*",)
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # the one sub-folder SIDE_FILES reaches into
 
 
