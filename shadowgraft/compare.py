@@ -25,8 +25,9 @@ from .checkpoint import Checkpoint
 from .errors import ShadowgraftError
 from .header import DTYPE_BITS, TensorInfo
 from .metrics import DeltaSums, Sums, kernel, range_sums, scratch_elements
-from .naming import block_index, family, module_kind
+from .naming import TOWERS, block_index, family, module_kind, tower
 from .plan import select
+from .prefix import Rename, find
 from .report import Group, Mismatch, Report, Summary, TensorRow
 from .stream import Reader
 
@@ -118,6 +119,7 @@ def stats(
         tensors=rows, layers=group_rows(rows, by="layer"), modules=group_rows(rows, by="module"),
         only_in_a=m.only_a, only_in_b=m.only_b, mismatched=m.mismatched, skipped=m.skipped,
         tuned_missing=m.tuned_missing, seconds=seconds, bytes_read=total,
+        renamed={k: r.to_dict() for k, r in m.renamed.items()},
     )
 
 
@@ -131,47 +133,91 @@ class _Matched:
     only_b: list[str]
     mismatched: list[Mismatch]
     skipped: list[str]  # in both, but not F64/F32/F16/BF16 in both
-    tuned_missing: list[str]  # compared A/B pairs that T lacks or has in another shape
+    tuned_missing: list[str]  # compared A/B pairs that T lacks or has in another shape (towers T has)
+    renamed: dict[str, Rename]  # "a", "b" or "tuned" -> the prefix rule its names were compared under
 
 
 def _match(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None, *, scope: str, include: Sequence[str],
            exclude: Sequence[str]) -> _Matched:
-    pick_a = select(cka, scope=scope, include=include, exclude=exclude)
+    va, vb, vt, renamed = _views(cka, ckb, ckt)
+    pick_a = select(va, scope=scope, include=include, exclude=exclude)
     # A tensor only one side has is listed whatever its dtype (an int64
     # position_ids counts as much as a weight when asking what differs).
-    listed_a = select(cka, scope=scope, include=include, exclude=exclude, floats_only=False)
-    listed_b = select(ckb, scope=scope, include=include, exclude=exclude, floats_only=False)
+    listed_a = select(va, scope=scope, include=include, exclude=exclude, floats_only=False)
+    listed_b = select(vb, scope=scope, include=include, exclude=exclude, floats_only=False)
     named = _name_filter(include, exclude)
     pairs, only_a, mismatched, skipped, tuned_missing = [], [], [], [], []
-    for ta in cka:
-        tb = ckb.tensors.get(ta.name)
+    for name, ta in va.tensors.items():
+        tb = vb.tensors.get(name)
         if tb is None:
-            if listed_a(ta.name):
-                only_a.append(ta.name)
+            if listed_a(name):
+                only_a.append(name)
             continue
         if not ta.is_float or not tb.is_float:
             # Integer buffers (position ids, masks) and fp8 scales are not compared.
-            if named(ta.name):
-                skipped.append(ta.name)
+            if named(name):
+                skipped.append(name)
             continue
-        if not pick_a(ta.name):
+        if not pick_a(name):
             continue
         shape = _overlap(ta.shape, tb.shape)
         if ta.shape != tb.shape or ta.dtype != tb.dtype:
             how = "all" if ta.shape == tb.shape else (f"first {shape[0]} rows" if shape is not None else "none")
-            mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype, how))
+            mismatched.append(Mismatch(name, ta.shape, tb.shape, ta.dtype, tb.dtype, how))
         if shape is None:
             continue
         tt = None
-        if ckt is not None:
-            cand = ckt.tensors.get(ta.name)
+        if vt is not None:
+            cand = vt.tensors.get(name)
             if cand is not None and cand.is_float and cand.shape == ta.shape == tb.shape:
                 tt = cand
-            else:
-                tuned_missing.append(ta.name)
-        pairs.append(_Pair(ta.name, ta, tb, shape, tt))
-    only_b = [tb.name for tb in ckb if tb.name not in cka and listed_b(tb.name)]
-    return _Matched(pairs, only_a, only_b, mismatched, skipped, tuned_missing)
+            elif tower(name) in vt.towers:
+                tuned_missing.append(name)
+        pairs.append(_Pair(name, ta, tb, shape, tt))
+    only_b = [n for n in vb.tensors if n not in va.tensors and listed_b(n)]
+    return _Matched(pairs, only_a, only_b, mismatched, skipped, tuned_missing, renamed)
+
+
+@dataclass(frozen=True)
+class _View:
+    """A checkpoint's tensors under the names they are compared by (what ``select`` reads)."""
+
+    tensors: dict[str, TensorInfo]
+    source: str
+
+    @property
+    def towers(self) -> set[str]:
+        return {tower(n) for n in self.tensors}
+
+
+def _views(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None) -> tuple[_View, _View, _View | None, dict[str, Rename]]:
+    """A, B and tuned under one naming: a text-only side takes the multimodal side's names (``prefix.find``)."""
+    a, b = set(cka.tensors), set(ckb.tensors)
+    renamed: dict[str, Rename] = {}
+    if not (a <= b or b <= a):
+        # Whichever side pairs completely into the other is the text-only one.
+        errors = []
+        for label, src, dst in (("a", cka, ckb), ("b", ckb, cka)):
+            try:
+                rule = find(src.tensors, dst.tensors, what=src.source, onto=dst.source)
+            except ShadowgraftError as e:
+                errors.append(e)
+                continue
+            if rule is not None:
+                renamed[label] = rule
+                break
+        else:
+            if len(errors) == 2:
+                raise errors[0]
+    va = _View({renamed["a"](n) if "a" in renamed else n: t for n, t in cka.tensors.items()}, cka.source)
+    vb = _View({renamed["b"](n) if "b" in renamed else n: t for n, t in ckb.tensors.items()}, ckb.source)
+    vt = None
+    if ckt is not None:
+        rule = find(ckt.tensors, va.tensors, what=ckt.source, onto=cka.source)
+        if rule is not None:
+            renamed["tuned"] = rule
+        vt = _View({rule(n) if rule else n: t for n, t in ckt.tensors.items()}, ckt.source)
+    return va, vb, vt, renamed
 
 
 def _name_filter(include: Sequence[str], exclude: Sequence[str]) -> Callable[[str], bool]:
@@ -301,7 +347,8 @@ def _row(p: _Pair, s: Sums, d: DeltaSums | None) -> TensorRow:
     kind = module_kind(p.name)
     dtype = p.a.dtype if p.a.dtype == p.b.dtype else f"{p.a.dtype}/{p.b.dtype}"
     return TensorRow(name=p.name, shape=p.shape, dtype=dtype, layer=block_index(p.name), module=kind,
-                     family=family(kind), partial=p.shape != p.a.shape or p.shape != p.b.shape, sums=s, delta=d)
+                     family=family(kind), partial=p.shape != p.a.shape or p.shape != p.b.shape, sums=s, delta=d,
+                     tower=tower(p.name))
 
 
 def _finite(rows: Iterable[TensorRow]) -> list[TensorRow]:
@@ -309,18 +356,22 @@ def _finite(rows: Iterable[TensorRow]) -> list[TensorRow]:
 
 
 def group_rows(rows: list[TensorRow], *, by: str) -> list[Group]:
-    """Per-layer (block tensors only, in layer order) or per-module-kind aggregates of tensor rows."""
+    """Per-layer (block tensors only, keyed by tower and index: vision block 0 is not text layer 0) or per-module-kind
+    aggregates of tensor rows."""
     groups: dict = {}
     for r in rows:
-        key = r.layer if by == "layer" else r.module
-        if key is None:
+        key = (r.tower, r.layer) if by == "layer" else r.module
+        if key is None or by == "layer" and r.layer is None:
             continue
         groups.setdefault(key, []).append(r)
     if by == "layer":
-        keys = sorted(groups)
-    else:
-        keys = sorted(groups, key=lambda k: (_KIND_ORDER.index(k) if k in _KIND_ORDER else len(_KIND_ORDER), k))
-    return [_group(str(k) if by == "module" else k, groups[k], family(k) if by == "module" else None) for k in keys]
+        return [_group(k[1], groups[k], None, tower=k[0]) for k in sorted(groups, key=lambda k: (_tower_rank(k[0]), k[1]))]
+    keys = sorted(groups, key=lambda k: (_KIND_ORDER.index(k) if k in _KIND_ORDER else len(_KIND_ORDER), k))
+    return [_group(str(k), groups[k], family(k)) for k in keys]
+
+
+def _tower_rank(t: str) -> int:
+    return TOWERS.index(t) if t in TOWERS else len(TOWERS)
 
 
 # Modules in the order a block runs them, then everything outside blocks.
@@ -328,7 +379,7 @@ _KIND_ORDER = ["q", "k", "v", "kv", "qkv", "attn", "o", "router", "gate", "up", 
                "norm", "embed", "lm_head", "other"]
 
 
-def _group(key, rows: list[TensorRow], fam: str | None) -> Group:
+def _group(key, rows: list[TensorRow], fam: str | None, tower: str | None = None) -> Group:
     ok = _finite(rows)
     sig = [r.sigma for r in ok]
     s = sum((r.sums for r in rows), Sums())
@@ -340,7 +391,7 @@ def _group(key, rows: list[TensorRow], fam: str | None) -> Group:
         sigma_max=max(sig) if sig else math.nan,
         sigma_weighted=_weighted(ok),
         rel_l2=s.rel_l2 if not s.nonfinite else math.nan, cosine=s.cosine if not s.nonfinite else math.nan,
-        identical=s.identical, delta_ratio=d.ratio if d else None, delta_cosine=d.cosine if d else None,
+        identical=s.identical, delta_ratio=d.ratio if d else None, delta_cosine=d.cosine if d else None, tower=tower,
     )
 
 
@@ -356,11 +407,29 @@ def band_of(sigma: float, *, close: float = CLOSE, threshold: float = THRESHOLD)
     return "close" if sigma < close else "graftable" if sigma < threshold else "divergent"
 
 
+def _basis(rows: list[TensorRow]) -> tuple[str, list[TensorRow]]:
+    """The paper's selection: the language model's block tensors; else any tower's blocks; else every tensor."""
+    lang = [r for r in rows if r.layer is not None and r.tower == "language"]
+    block = lang or [r for r in rows if r.layer is not None]
+    return ("block", block) if block else ("all", rows)
+
+
+def tower_summaries(rows: list[TensorRow]) -> dict[str, dict]:
+    """Per tower: sigma statistics over its block tensors (all its tensors when it has no blocks, e.g. a projector)."""
+    out = {}
+    for t in sorted({r.tower for r in rows}, key=_tower_rank):
+        basis, use = _basis([r for r in rows if r.tower == t])
+        sig = sorted(r.sigma for r in _finite(use))
+        out[t] = {"sigma_mean": statistics.fmean(sig) if sig else math.nan,
+                  "sigma_median": statistics.median(sig) if sig else math.nan,
+                  "sigma_max": sig[-1] if sig else math.nan, "n_tensors": len(sig), "basis": basis}
+    return out
+
+
 def summarize(rows: list[TensorRow], *, threshold: float = THRESHOLD, close: float = CLOSE, tuned: bool = False) -> Summary:
-    """The paper's statistics of sigma over block tensors (all tensors when none has a block index), and a verdict."""
-    block = [r for r in rows if r.layer is not None]
-    basis = "block" if block else "all"
-    use = block or rows
+    """The paper's statistics of sigma over the language model's block tensors (all tensors when none has a block
+    index), per-tower figures beside them, and a verdict."""
+    basis, use = _basis(rows)
     ok = _finite(use)
     sig = sorted(r.sigma for r in ok)
     s = sum((r.sums for r in use), Sums())
@@ -377,6 +446,7 @@ def summarize(rows: list[TensorRow], *, threshold: float = THRESHOLD, close: flo
         graftable=bool(mean < threshold), verdict="", close=close,
         band=band_of(mean, close=close, threshold=threshold),
         delta_ratio=d.ratio if tuned and d else None, delta_cosine=d.cosine if tuned and d else None,
+        towers=tower_summaries(rows),
     )
     return summary.with_verdict(verdict(summary, rows))
 
@@ -386,12 +456,16 @@ def verdict(s: Summary, rows: list[TensorRow], k: int = 3) -> str:
     if not math.isfinite(s.sigma_mean):
         return "no verdict: every compared tensor has NaN or Inf values"
     what = "sigma_mean" if s.basis == "block" else "sigma_mean (no transformer blocks found: all tensors)"
+    many = len(s.towers) > 1
+    if many and s.basis == "block":
+        lang = any(r.tower == "language" and r.layer is not None for r in rows)
+        what = "sigma_mean of the language model" if lang else "sigma_mean over every tower's blocks"
     layers = sorted(group_rows(rows, by="layer"), key=lambda g: -_nz(g.sigma_mean))[:k]
     mods = sorted((g for g in group_rows(rows, by="module") if g.family in ("attn", "mlp", "norm")),
                   key=lambda g: -_nz(g.sigma_mean))[:k]
     where = []
     if layers:
-        where.append("layers " + ", ".join(f"{g.key} ({g.sigma_mean:.4f})" for g in layers))
+        where.append("layers " + ", ".join(f"{_layer_label(g, many)} ({g.sigma_mean:.4f})" for g in layers))
     if mods:
         where.append("modules " + ", ".join(f"{g.key} ({g.sigma_mean:.4f})" for g in mods))
     most = f"; most divergent: {'; '.join(where)}" if where else ""
@@ -409,7 +483,15 @@ def verdict(s: Summary, rows: list[TensorRow], k: int = 3) -> str:
                 "these are likely not base and instruct of one release")
     if s.n_nonfinite:
         head += f" ({s.n_nonfinite} tensor(s) with NaN/Inf left out)"
+    if many:
+        others = [f"{t} {v['sigma_mean']:.4f}" for t, v in s.towers.items() if t != "language" and math.isfinite(v["sigma_mean"])]
+        head += f" (other towers: {', '.join(others)})" if others else ""
     return head + most
+
+
+def _layer_label(g: Group, many: bool) -> str:
+    """``3`` for a one-tower model; ``language 3`` / ``vision 0`` when towers must be told apart."""
+    return f"{g.tower} {g.key}" if many else str(g.key)
 
 
 def _nz(x: float) -> float:

@@ -434,6 +434,8 @@ def provenance(job: Job, *, command: str | None, device: str, extra: dict | None
         "warnings": list(plan.warnings),
         "notes": list(plan.notes),
     }
+    if plan.renames:
+        record["renamed"] = {label: r.to_dict() for label, r in plan.renames}
     if plan.alpha_for:
         record["alpha_for"] = [{"regex": p, "alpha": v} for p, v in plan.alpha_for]
         record["alphas"] = {i.name: i.alpha for i in plan.items if i.action == "graft" and i.alpha != plan.alpha}

@@ -20,13 +20,29 @@ from pathlib import Path
 
 from .errors import ShadowgraftError
 
-# Small files a checkpoint needs besides its weights. README.md carries the
-# license that the model card copies. Pickle weights (*.bin, *.pt), GGUF files
-# and optimizer states are never named, so they are never downloaded.
-SIDE_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab*", "merges.txt", "*.model", "chat_template*", "preprocessor_config.json", "README.md", "LICENSE*",
+# What transformers and its processors read besides the weights, as glob
+# patterns relative to the model folder: one list for local copies
+# (writer.side_files) and Hub downloads (SIDE_PATTERNS); kept here, where
+# importing stays light (writer pulls in torch). Multimodal and
+# newer models add processor, image/video preprocessor and chat template
+# files; trust_remote_code models name their modules in config.json's auto_map.
+SIDE_FILES = (
+    "config.json", "generation_config.json",
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model", "*.tiktoken",
+    "tekken.json",
+    "chat_template.jinja", "chat_template.json", "additional_chat_templates/*.jinja",
+    "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json", "audio_tokenizer_config.json",
+    "configuration_*.py", "modeling_*.py", "tokenization_*.py", "processing_*.py", "image_processing_*.py",
+    "video_processing_*.py", "feature_extraction_*.py",
 )
+# Not read by transformers, but a model's license travels with it.
+LICENSE_FILES = ("LICENSE*",)
+# Small files a checkpoint needs besides its weights: what transformers reads
+# (SIDE_FILES, the list local copies use too), the license, and
+# README.md, whose license metadata the model card copies. Pickle weights
+# (*.bin, *.pt), GGUF files and optimizer states are never named, so they are
+# never downloaded.
+SIDE_PATTERNS = (*SIDE_FILES, *LICENSE_FILES, "README.md")
 INDEX_PATTERN = "*.safetensors.index.json"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 

@@ -45,6 +45,7 @@ from .errors import ShadowgraftError
 from .header import TensorInfo
 from .naming import module_kind
 from .plan import LoraTerm, Plan, items_with, plan_shards, select
+from .prefix import find
 from .record import RECORD_NAME, read_record
 
 CONFIG_NAME = "adapter_config.json"
@@ -362,9 +363,17 @@ def plan_adapter(
 
     model_type = _model_type(ins)
     flag_reset: list[str] = []  # modules whose kind overrides fan_in_fan_out, as PEFT resets it
+    # PEFT names modules as the trained model held them: GPT2LMHeadModel's
+    # transformer.h.0 for a checkpoint saying h.0, a text-only CausalLM's
+    # model.layers.0 for a multimodal instruct's language_model.model.layers.0.
+    # One prefix rule must pair them all (prefix.find), as transformers does.
+    try:
+        rule = find([f"{m.module}.weight" for m in ad.modules], ins.tensors, what="the adapter", onto="instruct")
+    except ShadowgraftError as e:
+        raise ShadowgraftError(f"adapter {ad.source}: {e}") from None
     for mod in ad.modules:
-        target = _target(ins, mod.module)
-        if target is None:
+        target = rule(f"{mod.module}.weight") if rule else f"{mod.module}.weight"
+        if target not in ins:
             problems.append(_no_target(ins, mod))
             continue
         if target != f"{mod.module}.weight":
@@ -402,8 +411,8 @@ def plan_adapter(
         warnings.append(f"fan_in_fan_out is {ad.fan_in_fan_out} in {CONFIG_NAME} but {len(flag_reset)} target module(s) are "
                         f"{kind} ({_names(flag_reset)}); merged with fan_in_fan_out={not ad.fan_in_fan_out} there, as PEFT does")
     if renamed:
-        warnings.append(f"{len(renamed)} adapter module(s) matched instruct through its model prefix, as transformers loads them: "
-                        f"{_names(renamed)}")
+        warnings.append(f"{len(renamed)} adapter module(s) matched instruct through its model prefix, as transformers loads them "
+                        f"(prefix change {rule}): {_names(renamed)}")
     if skipped:
         warnings.append(f"{len(skipped)} adapter term(s) not selected by --scope {scope}/--include/--exclude are left out: "
                         f"{_names(skipped)}; pass --scope all to graft them")
@@ -411,26 +420,14 @@ def plan_adapter(
         warnings.append(f"the adapter also stores full copies of {_names(list(ad.frozen_copies))} (PEFT save_embedding_layers); "
                         "they are base's frozen weights and are not grafted")
     items = items_with(ins, dtype, terms, alpha=alpha, alpha_for=alpha_for)
-    return Plan(tuple(plan_shards(ins, items, max_shard_size)), alpha, scope, tuple(warnings), alpha_for=tuple(alpha_for))
+    return Plan(tuple(plan_shards(ins, items, max_shard_size)), alpha, scope, tuple(warnings), alpha_for=tuple(alpha_for),
+                renames=(("adapter", rule),) if rule else ())
 
 
 def _model_type(ins: Checkpoint) -> str | None:
     """``model_type`` from the instruct checkpoint's config.json, when it has a readable one."""
     mt = read_config(ins.root).get("model_type")
     return mt if isinstance(mt, str) else None
-
-
-def _target(ins: Checkpoint, module: str) -> str | None:
-    """The instruct tensor for ``module``: its own name, else (as transformers does with a model's
-    ``base_model_prefix``) the name with its first component dropped or one component added."""
-    name = f"{module}.weight"
-    if name in ins:
-        return name
-    head, _, rest = name.partition(".")
-    if rest and rest in ins:
-        return rest
-    one_more = [n for n in ins.tensors if n.endswith("." + name) and n.count(".") == name.count(".") + 1]
-    return one_more[0] if len(one_more) == 1 else None
 
 
 def _no_target(ins: Checkpoint, mod: LoraModule) -> str:

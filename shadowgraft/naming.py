@@ -1,10 +1,21 @@
 """What a tensor is, read from its name and shape alone.
 
-Scope is structural so that Llama, Qwen, Mistral, Gemma, MoE, BERT and GPT-2
-names all work without a per-architecture table: a *linear* tensor is a 2-D
-(or stacked 3-D expert) weight inside a transformer block, or the bias of
-such a module. For Llama names this selects exactly q/k/v/o/gate/up/down
-weights and biases, the set the Shadow-FT reference script grafts.
+Scope is structural so that every family works without a per-architecture
+table. The rule, stated once (``is_linear``): a tensor with two or more
+dimensions inside a numbered block (``layers.N``, ``layer.N``, ``h.N``,
+``blocks.N``, ``block.N``) that is not a norm, an embedding or a
+quantization scale is a weight matrix, whether or not its name ends in
+``.weight`` (Llama 4's fused ``experts.gate_up_proj``); MoE routers are
+matrices too. A bias follows its matrix: ``X.bias`` for ``X.weight``,
+``X_bias`` for a fused ``X`` (or ``X_weight``). Every tower's blocks count.
+Whether a tensor is floating is the caller's test (``plan.select``), since
+dtypes live in headers, not names. For Llama names this selects exactly
+q/k/v/o/gate/up/down weights and biases, the set the Shadow-FT reference
+script grafts.
+
+A multimodal checkpoint holds several towers, told apart by name prefix
+(``tower``): the language model, a vision tower, a projector between them,
+an audio tower.
 """
 
 from __future__ import annotations
@@ -36,6 +47,9 @@ _ATTN_PATH = re.compile(r"(?:^|\.)(?:self_attn|attn|attention|self_attention|cro
 _MLP_PATH = re.compile(r"(?:^|\.)(?:mlp|ffn|feed_forward|block_sparse_moe|moe|experts|intermediate|DenseReluDense|shared_expert)\.")
 _NORM = re.compile(r"norm|(?:^|\.)ln_?\w*\.", re.IGNORECASE)
 _EMBED = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.|relative_attention_bias|position_bias")
+# Scales and zero points of quantized weights (FP8 weight_scale_inv, GPTQ
+# scales) sit beside their matrix with matrix-like shapes but are not one.
+_QUANT_AUX = re.compile(r"(?:^|\.|_)(?:weight_scale_inv|weight_scale|input_scale|scales|qzeros|g_idx|absmax|SCB)$")
 ATTN_KINDS = frozenset({"q", "k", "v", "kv", "qkv", "o", "attn"})
 MLP_KINDS = frozenset({"gate", "up", "down", "gate_up", "router", "experts", "mlp"})
 
@@ -106,14 +120,18 @@ def family(kind: str) -> str:
 
 
 def is_linear(name: str, shape: tuple[int, ...], weight_shape: tuple[int, ...] | None = None) -> bool:
-    """True for block matrices and their biases; ``weight_shape`` is the sibling ``.weight``'s shape for a bias."""
+    """True for block matrices and their biases; ``weight_shape`` is the shape of the bias's matrix (``weight_names``).
+
+    >>> is_linear("model.layers.1.feed_forward.experts.gate_up_proj", (16, 5120, 16384))
+    True
+    """
     if block_index(name) is None:
         return False
-    if module_kind(name) in ("norm", "embed", "lm_head"):
+    if module_kind(name) in ("norm", "embed", "lm_head") or _QUANT_AUX.search(name):
         return False
-    if name.endswith(".bias"):
-        return weight_shape is not None and len(weight_shape) in (2, 3)
-    return len(shape) in (2, 3)
+    if weight_names(name):
+        return weight_shape is not None and len(weight_shape) >= 2
+    return len(shape) >= 2
 
 
 def in_scope(name: str, shape: tuple[int, ...], scope: str, weight_shape: tuple[int, ...] | None = None) -> bool:
@@ -127,5 +145,40 @@ def in_scope(name: str, shape: tuple[int, ...], scope: str, weight_shape: tuple[
     return family(module_kind(name)) == scope
 
 
-def sibling_weight(name: str) -> str | None:
-    return name[: -len(".bias")] + ".weight" if name.endswith(".bias") else None
+def weight_names(name: str) -> tuple[str, ...]:
+    """The names a bias's matrix may have: ``X.weight`` for ``X.bias``; ``X`` or ``X_weight`` for a fused ``X_bias``.
+
+    Empty for a tensor that is not a bias.
+    """
+    if name.endswith(".bias"):
+        return (name[: -len(".bias")] + ".weight",)
+    if name.endswith("_bias"):
+        stem = name[: -len("_bias")]
+        return (stem, stem + "_weight")
+    return ()
+
+
+TOWERS = ("language", "vision", "projector", "audio")
+# A tower is named by one component of the path before its blocks:
+# vision_tower.encoder.layers.0 (LLaVA, Gemma 3), visual.blocks.0 (Qwen-VL),
+# vision_model.model.layers.0 (Llama 4, Idefics), model.vision_tower.* (the
+# layout transformers 5 loads into). Everything else is the language model.
+_TOWER_RE = [(t, re.compile(rf"(?:^|\.)(?:{p})\.")) for t, p in [
+    ("vision", r"vision_tower|visual|vision_model|vision_encoder"),
+    ("projector", r"multi_modal_projector|mm_projector|multimodal_projector"),
+    ("audio", r"audio_tower|audio_model|audio_encoder"),
+]]
+
+
+def tower(name: str) -> str:
+    """Which part of a (multimodal) model a tensor belongs to: language, vision, projector or audio.
+
+    >>> tower("vision_tower.encoder.layers.0.mlp.fc1.weight"), tower("language_model.model.layers.0.mlp.up_proj.weight")
+    ('vision', 'language')
+    """
+    m = _BLOCK.search(name)
+    head = name[: m.start() + 1] if m else name
+    for t, rx in _TOWER_RE:
+        if rx.search(head):
+            return t
+    return "language"

@@ -17,7 +17,8 @@ from .errors import ShadowgraftError
 from .files import SINGLE_NAME
 from .header import DTYPE_BITS, TensorInfo
 from .mix import Mix
-from .naming import SCOPES, in_scope, sibling_weight
+from .naming import SCOPES, in_scope, tower, weight_names
+from .prefix import Rename, find
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Plan:
     notes: tuple[str, ...] = ()  # what the selection implies (tensors left at instruct's values)
     alpha_for: tuple[tuple[str, float], ...] = ()  # (regex, alpha): first match sets a tensor's alpha
     mix: Mix | None = None
+    renames: tuple[tuple[str, Rename], ...] = ()  # (input label, prefix rule onto instruct's names)
 
     @property
     def items(self) -> list[Item]:
@@ -120,8 +122,8 @@ def select(ck: Checkpoint, *, scope: str = "linear", include: Sequence[str] = ()
         t = ck.tensors[name]
         if floats_only and not t.is_float:
             return False
-        sib = sibling_weight(name)
-        wshape = ck.tensors[sib].shape if sib and sib in ck.tensors else None
+        sib = next((w for w in weight_names(name) if w in ck.tensors), None)
+        wshape = ck.tensors[sib].shape if sib else None
         return in_scope(name, t.shape, scope, wshape)
 
     for text, rx in zip(include, inc):
@@ -184,7 +186,20 @@ def plan_graft(
     if base is not None:
         sources["base"] = base
     chosen = [n for n in instruct.tensors if pick(n)]
-    _check_inputs(instruct, sources, chosen)
+    # Each input seen under instruct's names: a text-only tune of a
+    # multimodal model pairs through one prefix rule (prefix.find).
+    renames = {label: find(ck.tensors, instruct.tensors, what=label) for label, ck in sources.items()}
+    views = {label: {renames[label](n) if renames[label] else n: t for n, t in ck.tensors.items()}
+             for label, ck in sources.items()}
+    notes = [f"{label}'s tensor names pair with instruct's under prefix change {r} ({len(views[label])} tensors)"
+             for label, r in renames.items() if r]
+    chosen, absent = _towers_present(chosen, views)
+    if absent:
+        gone = {tower(n) for n in absent}
+        lacking = [label for label, v in views.items() if not gone <= {tower(n) for n in v}]
+        notes.append(f"{len(absent)} tensor(s) of tower(s) absent from {' and '.join(lacking)} "
+                     f"({', '.join(sorted(gone))}) keep instruct's values: {_names(absent)}")
+    _check_inputs(instruct, sources, chosen, views)
     rules = _alpha_rules(alpha_for)
     picked = set(chosen)
     items = []
@@ -192,16 +207,23 @@ def plan_graft(
         if t.name not in picked:
             items.append(_item(t, dtype))
         elif delta is not None:
-            items.append(_item(t, dtype, terms=(delta[t.name],), alpha=alpha_of(t.name, alpha, rules), mix=mix))
+            items.append(_item(t, dtype, terms=(views["delta"][t.name],), alpha=alpha_of(t.name, alpha, rules), mix=mix))
         else:
-            items.append(_item(t, dtype, terms=tuple(c[t.name] for c in tuneds), base=base[t.name],
+            items.append(_item(t, dtype, terms=tuple(views[label][t.name] for label in labels), base=views["base"][t.name],
                                alpha=alpha_of(t.name, alpha, rules), mix=mix))
-    warnings = _unused_warnings(instruct, sources)
-    first = next(iter(sources.values()))
-    kept = [n for n in instruct.tensors if n in first.tensors and n not in picked]
-    notes = [f"{len(kept)} tensor(s) outside --scope {scope}/--include/--exclude keep instruct's values: {_names(kept)}"] if kept else []
+    warnings = _unused_warnings(instruct, views)
+    first = next(iter(views.values()))
+    kept = [n for n in instruct.tensors if n in first and n not in picked | set(absent)]
+    if kept:
+        notes.append(f"{len(kept)} tensor(s) outside --scope {scope}/--include/--exclude keep instruct's values: {_names(kept)}")
     return Plan(tuple(plan_shards(instruct, items, max_shard_size)), alpha, scope, tuple(warnings), tuple(notes),
-                tuple(alpha_for), mix)
+                tuple(alpha_for), mix, tuple((label, r) for label, r in renames.items() if r))
+
+
+def _towers_present(chosen: list[str], views: dict[str, dict[str, TensorInfo]]) -> tuple[list[str], list[str]]:
+    """Split ``chosen`` into names whose tower every input holds, and the rest (a text-only tune has no vision tower)."""
+    held = set.intersection(*({tower(n) for n in v} for v in views.values()))
+    return [n for n in chosen if tower(n) in held], [n for n in chosen if tower(n) not in held]
 
 
 def _alpha_rules(alpha_for: Sequence[tuple[str, float]]) -> list[tuple[re.Pattern, float]]:
@@ -237,7 +259,8 @@ def items_with(instruct: Checkpoint, dtype: str | None, lora: dict[str, LoraTerm
     return [_item(t, dtype, lora=lora.get(t.name), alpha=alpha_of(t.name, alpha, rules)) for t in instruct]
 
 
-def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: list[str]) -> None:
+def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: list[str],
+                  views: dict[str, dict[str, TensorInfo]]) -> None:
     missing: dict[str, list[str]] = {}
     problems = []
     for n in chosen:
@@ -245,7 +268,7 @@ def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: 
         if not t.is_float:
             problems.append(f"'{n}' is {t.dtype} in instruct, which cannot be grafted")
             continue
-        for label, ck in sources.items():
+        for label, ck in views.items():
             if n not in ck:
                 missing.setdefault(label, []).append(n)
             elif ck[n].shape != t.shape:
@@ -259,10 +282,10 @@ def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: 
         raise ShadowgraftError("; ".join(problems[:3]) + more + "; exclude them with --exclude REGEX or fix the inputs")
 
 
-def _unused_warnings(instruct: Checkpoint, sources: dict[str, Checkpoint]) -> list[str]:
+def _unused_warnings(instruct: Checkpoint, views: dict[str, dict[str, TensorInfo]]) -> list[str]:
     out = []
-    for label, ck in sources.items():
-        extra = [n for n in ck.tensors if n not in instruct.tensors]
+    for label, view in views.items():
+        extra = [n for n in view if n not in instruct.tensors]
         if extra:
             out.append(f"{len(extra)} tensor(s) only in {label} are ignored: {_names(extra)}")
     return out

@@ -31,6 +31,7 @@ class TensorRow:
     partial: bool
     sums: Sums = field(repr=False)
     delta: DeltaSums | None = field(default=None, repr=False)
+    tower: str = "language"  # naming.tower: language, vision, projector or audio
 
     numel = property(lambda self: self.sums.numel)
     sigma = property(lambda self: self.sums.sigma)
@@ -41,8 +42,8 @@ class TensorRow:
 
     def to_dict(self, tuned: bool = False) -> dict[str, Any]:
         s = self.sums
-        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "numel": self.numel, "layer": self.layer,
-             "module": self.module, "family": self.family, "sigma": self.sigma, "rel_l2": self.rel_l2,
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "numel": self.numel, "tower": self.tower,
+             "layer": self.layer, "module": self.module, "family": self.family, "sigma": self.sigma, "rel_l2": self.rel_l2,
              "cosine": self.cosine, "max_abs": self.max_abs, "identical": self.identical, "nan_a": s.nan_a,
              "inf_a": s.inf_a, "nan_b": s.nan_b, "inf_b": s.inf_b, "partial": self.partial}
         if tuned:
@@ -53,7 +54,7 @@ class TensorRow:
 
 @dataclass(frozen=True)
 class Group:
-    """Aggregate of the tensors of one layer (``key`` an int) or one module kind (``key`` a str).
+    """Aggregate of the tensors of one layer (``key`` an int, ``tower`` its tower) or one module kind (``key`` a str).
 
     ``sigma_mean`` is the unweighted mean of the tensors' sigma; ``rel_l2``,
     ``cosine``, ``identical`` and the delta figures treat the group's tensors
@@ -72,9 +73,12 @@ class Group:
     identical: float
     delta_ratio: float | None = None
     delta_cosine: float | None = None
+    tower: str | None = None  # layers only
 
     def to_dict(self, label: str, tuned: bool = False) -> dict[str, Any]:
         d = {label: self.key}
+        if self.tower is not None:
+            d["tower"] = self.tower
         if self.family is not None:
             d["family"] = self.family
         d.update(n_tensors=self.n_tensors, numel=self.numel, sigma_mean=self.sigma_mean, sigma_max=self.sigma_max,
@@ -89,8 +93,11 @@ class Summary:
     """Sigma statistics over block tensors (``basis="block"``), as the paper reports them.
 
     ``sigma_mean`` is the official number: the unweighted mean over tensors
-    inside transformer blocks; ``sigma_weighted`` weighs each by its element
-    count. ``basis`` is ``"all"`` for a model with no block names.
+    inside the language model's transformer blocks (any tower's blocks when
+    there is no language model); ``sigma_weighted`` weighs each by its
+    element count. ``basis`` is ``"all"`` for a model with no block names.
+    ``towers`` holds the same figures per tower (``{"vision": {"sigma_mean":
+    ...}}``), each over that tower's blocks.
     """
 
     sigma_mean: float
@@ -113,6 +120,7 @@ class Summary:
     delta_cosine: float | None = None
     close: float = 0.03  # under it: close siblings (the default of ``compare.CLOSE``)
     band: str = "unknown"  # close | graftable | divergent | unknown
+    towers: dict[str, dict] = field(default_factory=dict)
 
     def with_verdict(self, text: str) -> "Summary":
         return replace(self, verdict=text)
@@ -162,6 +170,7 @@ class Report:
     tuned_missing: list[str] = field(default_factory=list)
     seconds: float = 0.0
     bytes_read: int = 0
+    renamed: dict[str, dict[str, str]] = field(default_factory=dict)  # "a"/"b"/"tuned" -> prefix rule (prefix.Rename)
 
     # -- export -------------------------------------------------------------
 
@@ -177,7 +186,7 @@ class Report:
             "only_in_a": list(self.only_in_a), "only_in_b": list(self.only_in_b),
             "mismatched": [m.to_dict() for m in self.mismatched],
             "skipped": list(self.skipped), "tuned_missing": list(self.tuned_missing),
-            "seconds": self.seconds, "bytes_read": self.bytes_read,
+            "seconds": self.seconds, "bytes_read": self.bytes_read, "renamed": dict(self.renamed),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -276,9 +285,15 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
 
     con.print(f"[bold]{shown(r.a)}[/] vs [bold]{shown(r.b)}[/]" + (f", tuned [bold]{shown(r.tuned)}[/]" if tuned else "")
               + f": {s.n_compared} tensors compared, {_size(r.bytes_read)} read in {r.seconds:.2f} s", emoji=False)
+    many = len(s.towers) > 1
     what = f"{s.n_tensors} transformer-block tensors" if s.basis == "block" else f"all {s.n_tensors} tensors (no blocks found)"
+    if many and s.basis == "block" and "language" in s.towers and s.towers["language"]["basis"] == "block":
+        what = f"the language model's {s.n_tensors} block tensors"
     t = table("summary", ["", "value", "note"], left=("", "note"), wrap="note")
     t.add_row("sigma_mean", f"[bold]{fmt(s.sigma_mean)}[/]", f"the paper's number: mean over {what}")
+    for name, v in s.towers.items() if many else ():
+        kind = "block tensors" if v["basis"] == "block" else "tensors (it has no blocks)"
+        t.add_row(f"sigma_mean {name}", fmt(v["sigma_mean"]), f"mean over the {name} tower's {v['n_tensors']} {kind}")
     t.add_row("median / min / max", f"{fmt(s.sigma_median)} / {fmt(s.sigma_min)} / {fmt(s.sigma_max)}", "")
     t.add_row("sigma_weighted", fmt(s.sigma_weighted), "weighted by element count")
     t.add_row("rel_l2 / cosine", f"{fmt(s.rel_l2)} / {fmt(s.cosine, 6)}", "")
@@ -292,11 +307,13 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
         by = "module"  # no transformer blocks: the module view is the next best
     if by in ("layer", "module"):
         groups = r.layers if by == "layer" else r.modules
-        t = table(f"per {by}", [by, "sigma", "max", "rel_l2", "cosine", "same"] + delta_cols + ([] if tuned else [""]),
-                  left=(by, ""))
+        towered = by == "layer" and len({g.tower for g in groups}) > 1  # vision block 0 is not text layer 0
+        t = table(f"per {by}", ["tower"] * towered + [by, "sigma", "max", "rel_l2", "cosine", "same"] + delta_cols
+                  + ([] if tuned else [""]), left=("tower", by, ""))
         hi = max((g.sigma_mean for g in groups if math.isfinite(g.sigma_mean)), default=0.0)
         for g in groups:
-            row = [cell(g.key), fmt(g.sigma_mean), fmt(g.sigma_max), fmt(g.rel_l2), fmt(g.cosine, 6), _pct(g.identical)]
+            row = [str(g.tower)] * towered + [cell(g.key), fmt(g.sigma_mean), fmt(g.sigma_max), fmt(g.rel_l2), fmt(g.cosine, 6),
+                                              _pct(g.identical)]
             row += [fmt(g.delta_ratio), fmt(g.delta_cosine)] if tuned else []
             style = "red" if math.isfinite(g.sigma_mean) and g.sigma_mean >= s.threshold else None
             t.add_row(*row, *([] if tuned else [_bar(g.sigma_mean, hi, 12)]), style=style)
@@ -321,6 +338,10 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
                          ("missing or reshaped in tuned, no delta figures", r.tuned_missing)):
         if names:
             con.print(f"[yellow]{label}[/] ({len(names)}): {shown(_names(names))}", emoji=False)
+    for label, rule in r.renamed.items():
+        who = {"a": "A", "b": "B"}.get(label, label)
+        con.print(f"[yellow]renamed[/]: {who}'s tensor names compared under prefix change "
+                  f"{shown(repr(rule['from']))} -> {shown(repr(rule['to']))}", emoji=False)
     for m in r.mismatched:
         con.print(f"[yellow]mismatched[/] {shown(m.name)}: A {_shape(m.shape_a)} {m.dtype_a} vs B {_shape(m.shape_b)} {m.dtype_b}; "
                   f"compared: {m.compared}", emoji=False)
@@ -354,38 +375,48 @@ def _plot(r: Report, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     tuned = r.tuned is not None and any(g.delta_ratio is not None for g in r.layers)
-    fig = Figure(figsize=(10, 7 if tuned else 4.5), layout="constrained")
-    axes = fig.subplots(2 if tuned else 1, 1, sharex=True, squeeze=False)[:, 0]
-    ax = axes[0]
-    # Per (layer, module kind): the unweighted mean sigma of that kind's tensors.
-    cells: dict[str, dict[int, list[float]]] = {}
-    for x in r.tensors:
-        if x.layer is not None and math.isfinite(x.sigma):
-            cells.setdefault(x.module, {}).setdefault(x.layer, []).append(x.sigma)
+    # One panel per tower with blocks: vision block 0 and text layer 0 are different layers.
+    towers = list(dict.fromkeys(g.tower for g in r.layers)) or ["language"]
+    rows = len(towers) + tuned
+    fig = Figure(figsize=(10, 4.5 + 2.5 * (rows - 1)), layout="constrained")
+    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
     order = [str(g.key) for g in r.modules]
-    for kind in sorted(cells, key=lambda k: order.index(k) if k in order else len(order)):
-        pts = sorted(cells[kind].items())
-        ax.plot([k for k, _ in pts], [sum(v) / len(v) for _, v in pts], marker=".", linewidth=1, label=kind)
-    if r.layers:
-        ax.plot([g.key for g in r.layers], [g.sigma_mean for g in r.layers], color="black", linewidth=2.5, label="layer mean")
-    ax.axhline(r.summary.close, color="green", linestyle=":", linewidth=1, label=f"close siblings under {r.summary.close:g}")
-    ax.axhline(r.summary.threshold, color="red", linestyle="--", linewidth=1, label=f"diverging over {r.summary.threshold:g}")
-    ax.set_ylabel("sigma = sum|A-B| / (sum|A|+sum|B|)")
-    ax.set_title(f"{r.a} vs {r.b}: sigma_mean {fmt(r.summary.sigma_mean)}", fontsize="medium")
-    ax.legend(fontsize="small", ncol=2)
-    ax.grid(alpha=0.3)
+    for ax, tw in zip(axes, towers):
+        # Per (layer, module kind): the unweighted mean sigma of that kind's tensors.
+        cells: dict[str, dict[int, list[float]]] = {}
+        for x in r.tensors:
+            if x.layer is not None and x.tower == tw and math.isfinite(x.sigma):
+                cells.setdefault(x.module, {}).setdefault(x.layer, []).append(x.sigma)
+        for kind in sorted(cells, key=lambda k: order.index(k) if k in order else len(order)):
+            pts = sorted(cells[kind].items())
+            ax.plot([k for k, _ in pts], [sum(v) / len(v) for _, v in pts], marker=".", linewidth=1, label=kind)
+        lay = [g for g in r.layers if g.tower == tw]
+        if lay:
+            ax.plot([g.key for g in lay], [g.sigma_mean for g in lay], color="black", linewidth=2.5, label="layer mean")
+        ax.axhline(r.summary.close, color="green", linestyle=":", linewidth=1, label=f"close siblings under {r.summary.close:g}")
+        ax.axhline(r.summary.threshold, color="red", linestyle="--", linewidth=1, label=f"diverging over {r.summary.threshold:g}")
+        ax.set_ylabel("sigma = sum|A-B| / (sum|A|+sum|B|)")
+        if len(towers) > 1:
+            ax.set_xlabel(f"{tw} layer")
+        ax.legend(fontsize="small", ncol=2)
+        ax.grid(alpha=0.3)
+    what = " (language model)" if len(towers) > 1 else ""
+    axes[0].set_title(f"{r.a} vs {r.b}: sigma_mean{what} {fmt(r.summary.sigma_mean)}", fontsize="medium")
     if tuned:
-        lay = [g for g in r.layers if g.delta_ratio is not None]
-        ax2 = axes[1]
+        lay = [g for g in r.layers if g.delta_ratio is not None and g.tower == towers[0]]
+        ax2 = axes[-1]
         ax2.plot([g.key for g in lay], [g.delta_ratio for g in lay], marker=".", label="|T-A| / |B-A|")
         ax2.plot([g.key for g in lay], [g.delta_cosine for g in lay], marker=".", label="cos(T-A, B-A)")
         ax2.axhline(0, color="gray", linewidth=0.8)
         ax2.set_ylabel("fine-tuning change vs instruct change")
+        ax2.set_xlabel(f"{towers[0]} layer" if len(towers) > 1 else "layer")
         ax2.legend(fontsize="small")
         ax2.grid(alpha=0.3)
-    axes[-1].set_xlabel("layer")
+    if len(towers) == 1:
+        axes[-1].set_xlabel("layer")
     from matplotlib.ticker import MaxNLocator
 
-    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.savefig(path)
     return path

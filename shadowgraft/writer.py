@@ -22,12 +22,11 @@ from pathlib import Path
 
 from .errors import ShadowgraftError
 from .files import INDEX_NAME, regular_file
+from .hub import LICENSE_FILES, SIDE_FILES
 from .plan import Shard
 from .record import RECORD_NAME
 
-# Weights of any framework and files we write ourselves are not copied from instruct.
-_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx", ".ot")
-_SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "README.md", RECORD_NAME, ".gitattributes"}
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # the one sub-folder SIDE_FILES reaches into
 
 
 def shard_header(shard: Shard, metadata: dict[str, str] | None = None) -> bytes:
@@ -60,17 +59,19 @@ def write_index(folder: Path, shards) -> str | None:
 def side_files(src: Path | None) -> list[Path]:
     """The config, tokenizer, chat template and other small non-weight files of ``src`` that an output copies.
 
-    Each must be a regular file inside ``src`` (or a Hub-cache blob of it,
-    see ``files.py``): a link out of the folder, a FIFO or a device refuses
-    the run in one line before anything opens it. Hidden files (``.env``,
-    ``.git``) and sub-folders are never copied. Call it before writing, so a
+    Exactly the files of ``SIDE_FILES`` (what transformers and its processors
+    read) and the license: notes, scripts, weights and training leftovers
+    stay behind. Each must be a regular file inside ``src`` (or a Hub-cache
+    blob of it, see ``files.py``): a link out of the folder, a FIFO or a
+    device refuses the run in one line before anything opens it. Hidden
+    files (``.env``, ``.git``) are never copied. Call it before writing, so a
     refusal costs nothing.
     """
     if src is None:
         return []
     found = []
-    for p in sorted(src.iterdir()):
-        if p.name.startswith(".") or p.name in _SKIP_NAMES or p.name.endswith(_SKIP_SUFFIXES):
+    for p in sorted({p for pat in (*SIDE_FILES, *LICENSE_FILES) for p in src.glob(pat)}):
+        if any(part.startswith(".") for part in p.relative_to(src).parts):
             continue
         if p.is_dir() and not p.is_symlink():
             continue
@@ -79,10 +80,14 @@ def side_files(src: Path | None) -> list[Path]:
 
 
 def copy_side_files(files: list[Path], dst: Path) -> list[str]:
-    """Copy ``files`` (from ``side_files``) into ``dst``; returns their names."""
+    """Copy ``files`` (from ``side_files``) into ``dst``; returns their paths relative to it."""
+    copied = []
     for p in files:
-        shutil.copyfile(p, dst / p.name)
-    return [p.name for p in files]
+        rel = f"{CHAT_TEMPLATE_DIR}/{p.name}" if p.parent.name == CHAT_TEMPLATE_DIR else p.name
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dst / rel)
+        copied.append(rel)
+    return copied
 
 
 def check_output_path(output: str | os.PathLike, *, inputs=()) -> Path:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shadowgraft.naming import block_index, family, in_scope, module_kind
+from shadowgraft.naming import block_index, family, in_scope, is_linear, module_kind, tower, weight_names
 
 LLAMA_LINEAR = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -73,3 +73,59 @@ def test_stacked_moe_experts_are_linear():
     assert in_scope("model.layers.1.mlp.experts.down_proj", (8, 16, 32), "linear")
     assert in_scope("model.layers.1.mlp.experts.down_proj", (8, 16, 32), "mlp")
     assert family("router") == "mlp"
+
+
+def _scope(shapes: dict[str, tuple[int, ...]]) -> set[str]:
+    def wshape(n):
+        return next((shapes[w] for w in weight_names(n) if w in shapes), None)
+
+    return {n for n, s in shapes.items() if is_linear(n, s, wshape(n))}
+
+
+def test_matrices_without_weight_suffix_and_fused_biases():
+    shapes = {
+        "model.layers.1.feed_forward.experts.gate_up_proj": (4, 32, 32),  # Llama 4: no .weight
+        "model.layers.1.feed_forward.experts.down_proj": (4, 16, 32),
+        "model.layers.1.feed_forward.router.weight": (4, 32),
+        "model.layers.0.mlp.experts.gate_up_proj_bias": (4, 64),  # fused X_bias follows X
+        "model.layers.0.mlp.experts.gate_up_proj": (4, 32, 64),
+        "model.layers.0.mlp.gate.e_score_correction_bias": (4,),  # no matrix of that name: not a bias of one
+        "model.layers.0.attn.in_proj_bias": (96,),
+        "model.layers.0.attn.in_proj_weight": (96, 32),
+        "model.layers.0.conv.weight": (32, 1, 4),  # >= 2 dims is a matrix
+        "model.layers.0.mlp.down_proj.weight_scale_inv": (1, 1),  # FP8 scales are not matrices
+        "model.layers.0.mlp.down_proj.scales": (2, 32),
+        "model.layers.0.self_attn.q_norm.weight": (8,),
+        "model.embed_tokens.weight": (96, 32),
+    }
+    assert _scope(shapes) == {
+        "model.layers.1.feed_forward.experts.gate_up_proj", "model.layers.1.feed_forward.experts.down_proj",
+        "model.layers.1.feed_forward.router.weight", "model.layers.0.mlp.experts.gate_up_proj_bias",
+        "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.attn.in_proj_bias", "model.layers.0.attn.in_proj_weight",
+        "model.layers.0.conv.weight"}
+
+
+def test_weight_names():
+    assert weight_names("h.0.attn.c_attn.bias") == ("h.0.attn.c_attn.weight",)
+    assert weight_names("layers.0.experts.down_proj_bias") == ("layers.0.experts.down_proj", "layers.0.experts.down_proj_weight")
+    assert weight_names("layers.0.mlp.up_proj.weight") == ()
+
+
+@pytest.mark.parametrize("name,want", [
+    ("language_model.model.layers.0.mlp.up_proj.weight", "language"),
+    ("model.language_model.layers.0.mlp.up_proj.weight", "language"),
+    ("model.layers.0.self_attn.q_proj.weight", "language"),
+    ("lm_head.weight", "language"),
+    ("vision_tower.encoder.layers.0.mlp.fc1.weight", "vision"),
+    ("model.vision_tower.encoder.layers.1.self_attn.q_proj.weight", "vision"),
+    ("visual.blocks.0.attn.qkv.weight", "vision"),
+    ("visual.merger.mlp.0.weight", "vision"),
+    ("vision_model.model.layers.0.mlp.fc1.weight", "vision"),
+    ("multi_modal_projector.linear_1.weight", "projector"),
+    ("model.mm_projector.0.weight", "projector"),
+    ("audio_tower.layers.0.fc1.weight", "audio"),
+    # A block whose own module happens to say "visual" is still the language model's.
+    ("model.layers.0.visual.weight", "language"),
+])
+def test_tower(name, want):
+    assert tower(name) == want
