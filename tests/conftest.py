@@ -76,3 +76,15 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else 1
     cap = capsys.readouterr()
     return code, cap.out, cap.err
+
+
+def deny(monkeypatch, owner, attr: str, suffix: str) -> None:
+    """Make ``owner.attr`` (``builtins.open``, ``os.open``) fail with EACCES for paths ending in ``suffix``."""
+    real = getattr(owner, attr)
+
+    def denied(path, *a, **k):
+        if str(path).endswith(suffix):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(owner, attr, denied)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from shadowgraft import Checkpoint, ShadowgraftError
 from shadowgraft.synthetic import Shape, make_trio
 
-from .conftest import load
+from .conftest import deny, load
 
 
 def test_layouts_agree(tmp_path):
@@ -161,14 +161,7 @@ def test_an_unreadable_shard_is_one_line_without_errno_text(tmp_path, monkeypatc
     import builtins
 
     folder = make_trio(tmp_path, shape=Shape(layers=1))["base"]
-    real = builtins.open
-
-    def denied(path, *a, **k):
-        if str(path).endswith(".safetensors"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(builtins, "open", denied)
+    deny(monkeypatch, builtins, "open", ".safetensors")
     with pytest.raises(ShadowgraftError) as e:
         Checkpoint.open(folder)
     assert str(e.value) == f"{folder / 'model.safetensors'}: cannot be read (Permission denied); check its permissions"

@@ -18,7 +18,7 @@ from shadowgraft.errors import ShadowgraftError
 from shadowgraft.synthetic import Shape, make_trio
 from shadowgraft.writer import OutputDir, check_output_path, copy_side_files, index_json, side_files
 
-from .conftest import load, run_cli
+from .conftest import deny, load, run_cli
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.uint8, torch.bool, torch.float64]
 
@@ -196,14 +196,7 @@ def test_overwrite_rechecks_the_folder_at_commit(tmp_path):
 
 
 def test_a_folder_we_cannot_write_is_one_line_naming_no_lock_or_temp_file(tmp_path, monkeypatch):
-    real = os.open
-
-    def denied(path, *a, **k):
-        if str(path).endswith("shadowgraft-lock"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(os, "open", denied)
+    deny(monkeypatch, os, "open", "shadowgraft-lock")
     with pytest.raises(ShadowgraftError) as e:
         with OutputDir(tmp_path / "out"):
             pass
