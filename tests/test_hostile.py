@@ -160,22 +160,22 @@ def overlapping_offsets(d):
     return "overlap in the data area"
 
 
-def unknown_dtype(d):
+def _set_first(d, key: str, value) -> str:
+    """Set ``key`` of the first tensor's header entry in the first shard; returns that tensor's name."""
     f = shards(d)[0]
     head, data = split(f)
     name = first_tensor(f)
-    head[name]["dtype"] = "F33"
+    head[name][key] = value
     rewrite(f, head, data)
-    return f"tensor '{name}' has unknown dtype 'F33'"
+    return name
+
+
+def unknown_dtype(d):
+    return f"tensor '{_set_first(d, 'dtype', 'F33')}' has unknown dtype 'F33'"
 
 
 def size_mismatch(d):
-    f = shards(d)[0]
-    head, data = split(f)
-    name = first_tensor(f)
-    head[name]["shape"] = [1]
-    rewrite(f, head, data)
-    return f"tensor '{name}' is"
+    return f"tensor '{_set_first(d, 'shape', [1])}' is"
 
 
 def metadata_not_strings(d):
