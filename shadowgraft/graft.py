@@ -106,11 +106,6 @@ def apply(
     modes = [base is not None or tuned is not None, delta is not None, adapter is not None]
     if sum(modes) != 1 or (modes[0] and (base is None or tuned is None)):
         raise ShadowgraftError("give exactly one of: --base with --tuned, --delta, or --adapter")
-    if push_to_hub and not dry_run:
-        # A bad id, or HF_HUB_OFFLINE, would otherwise fail only after the whole graft.
-        from .publish import check_push_target
-
-        check_push_target(push_to_hub)
     alphas = parse_alphas(alpha)
     rules = parse_alpha_for(alpha_for)
     out_dtype = parse_dtype(dtype)
@@ -127,54 +122,21 @@ def apply(
                            alpha=alphas, alpha_for=rules, mix=mix, scope=scope, include=include, exclude=exclude,
                            dtype=dtype, max_shard_size=max_shard_size)
     groups = [tuned_specs] if mix is not None and tuned is not None else [[t] for t in tuned_specs]
-    many = len(groups) > 1
+    nested = len(groups) > 1 or len(alphas) > 1
+    if push_to_hub and nested:
+        raise ShadowgraftError("--push-to-hub takes one output; push each folder with `shadowgraft push`")
+    if push_to_hub and not dry_run:
+        # A bad id, or HF_HUB_OFFLINE, would otherwise fail only after the whole graft.
+        from .publish import check_push_target
+
+        check_push_target(push_to_hub)
     if not dry_run:
-        check_output_path(output, inputs=[instruct, base, *tuned_specs, delta, adapter])
-    if (many or len(alphas) > 1) and not dry_run:
-        root = Path(output)
-        if root.exists() and not root.is_dir():
-            raise ShadowgraftError(f"{root}: exists and is not a folder; choose another --output")
-        if not root.absolute().parent.is_dir():
-            raise FileNotFoundError(f"{root.absolute().parent}: output's parent folder does not exist; create it first")
+        _check_output(output, nested=nested, inputs=[instruct, base, *tuned_specs, delta, adapter])
     kw = dict(alpha_for=rules, scope=scope, include=include, exclude=exclude, dtype=out_dtype, max_shard_size=shard_size)
     with ExitStack() as stack:
         ins = stack.enter_context(Checkpoint.open(instruct))
-        jobs: list[Job] = []
-        failed: list[str] = []
-
-        def add_jobs(folder: Path, inputs: dict, plan_for: Callable[[float], Plan], label: str) -> None:
-            for a in alphas:
-                out = folder / f"alpha-{a!r}" if len(alphas) > 1 else folder
-                outdir = OutputDir(out, overwrite=overwrite)
-                if not dry_run and out.parent.is_dir():  # nested outputs' folders are made just before writing
-                    outdir.check()
-                jobs.append(Job(plan_for(a), outdir, inputs, f"{label} alpha {a!r}" if len(alphas) > 1 else label))
-
-        if adapter is not None:
-            from .lora import open_adapter, plan_adapter
-
-            ad = stack.enter_context(open_adapter(adapter))
-            add_jobs(Path(output), {"instruct": ins, "adapter": ad}, lambda a: plan_adapter(ins, ad, alpha=a, **kw), "output")
-        elif delta is not None:
-            dk = stack.enter_context(Checkpoint.open(delta))
-            if dk.root is not None and (dk.root / "adapter_config.json").is_file():
-                raise ShadowgraftError(f"{delta}: is a PEFT adapter (adapter_config.json), not a delta; pass it with --adapter")
-            add_jobs(Path(output), {"instruct": ins, "delta": dk},
-                     lambda a: plan_graft(ins, delta=dk, alpha=a, mix=mix, **kw), "output")
-        else:
-            bk = stack.enter_context(Checkpoint.open(base))
-            for specs in groups:
-                folder = Path(output) / Path(os.fspath(specs[0])).name if many else Path(output)
-                try:
-                    tks = [stack.enter_context(Checkpoint.open(spec)) for spec in specs]
-                    inputs = {"instruct": ins, "base": bk, **({"tuned": tks[0]} if len(tks) == 1 else
-                                                              {f"tuned_{k + 1}": t for k, t in enumerate(tks)})}
-                    add_jobs(folder, inputs, lambda a: plan_graft(ins, base=bk, tuned=tks, alpha=a, mix=mix, **kw),
-                             os.fspath(specs[0]) if many else "output")
-                except (ShadowgraftError, FileNotFoundError) as e:
-                    if not many:
-                        raise
-                    failed.append(f"{specs[0]}: {e}")
+        jobs, failed = _plan_jobs(stack, ins, Path(output), base=base, delta=delta, adapter=adapter, groups=groups,
+                                  alphas=alphas, mix=mix, overwrite=overwrite, dry_run=dry_run, kw=kw)
         for job in jobs:
             if on_plan is not None:
                 on_plan(job.plan)
@@ -192,12 +154,66 @@ def apply(
         what = f"{len(groups)} tuned checkpoints" if len(failed) <= len(groups) and len(alphas) == 1 else f"{len(jobs) + len(failed)} outputs"
         raise ShadowgraftError(f"{len(failed)} of {what} failed (the other outputs are complete): " + "; ".join(failed))
     if push_to_hub:
-        if len(jobs) > 1:
-            raise ShadowgraftError("--push-to-hub takes one output; push each folder with `shadowgraft push`")
         from .publish import push
 
         result.url = push(result.output, push_to_hub, private=private)
     return result
+
+
+def _check_output(output, *, nested: bool, inputs: list) -> None:
+    """What needs no tensor data: the output is no input and replaces nothing it must not; a nested root can hold outputs."""
+    check_output_path(output, inputs=inputs)
+    if nested:
+        root = Path(output)
+        if root.exists() and not root.is_dir():
+            raise ShadowgraftError(f"{root}: exists and is not a folder; choose another --output")
+        if not root.absolute().parent.is_dir():
+            raise FileNotFoundError(f"{root.absolute().parent}: output's parent folder does not exist; create it first")
+
+
+def _plan_jobs(stack: ExitStack, ins: Checkpoint, output: Path, *, base, delta, adapter, groups: list[list],
+               alphas: tuple[float, ...], mix: Mix | None, overwrite: bool, dry_run: bool, kw: dict) -> tuple[list[Job], list[str]]:
+    """One Job per output: per tuned group (or the delta, or the adapter) and per alpha value.
+
+    With several tuned groups a group that fails its checks is left out and
+    named in the second list; the others go on.
+    """
+    jobs: list[Job] = []
+    failed: list[str] = []
+    many = len(groups) > 1
+
+    def add(folder: Path, inputs: dict, plan_for: Callable[[float], Plan], label: str) -> None:
+        for a in alphas:
+            out = folder / f"alpha-{a!r}" if len(alphas) > 1 else folder
+            outdir = OutputDir(out, overwrite=overwrite)
+            if not dry_run and out.parent.is_dir():  # nested outputs' folders are made just before writing
+                outdir.check()
+            jobs.append(Job(plan_for(a), outdir, inputs, f"{label} alpha {a!r}" if len(alphas) > 1 else label))
+
+    if adapter is not None:
+        from .lora import open_adapter, plan_adapter
+
+        ad = stack.enter_context(open_adapter(adapter))
+        add(output, {"instruct": ins, "adapter": ad}, lambda a: plan_adapter(ins, ad, alpha=a, **kw), "output")
+    elif delta is not None:
+        dk = stack.enter_context(Checkpoint.open(delta))
+        if dk.root is not None and (dk.root / "adapter_config.json").is_file():
+            raise ShadowgraftError(f"{delta}: is a PEFT adapter (adapter_config.json), not a delta; pass it with --adapter")
+        add(output, {"instruct": ins, "delta": dk}, lambda a: plan_graft(ins, delta=dk, alpha=a, mix=mix, **kw), "output")
+    else:
+        bk = stack.enter_context(Checkpoint.open(base))
+        for specs in groups:
+            folder = output / Path(os.fspath(specs[0])).name if many else output
+            try:
+                tks = [stack.enter_context(Checkpoint.open(spec)) for spec in specs]
+                roles = {"tuned": tks[0]} if len(tks) == 1 else {f"tuned_{k + 1}": t for k, t in enumerate(tks)}
+                add(folder, {"instruct": ins, "base": bk, **roles},
+                    lambda a: plan_graft(ins, base=bk, tuned=tks, alpha=a, mix=mix, **kw), os.fspath(specs[0]) if many else "output")
+            except (ShadowgraftError, FileNotFoundError) as e:
+                if not many:
+                    raise
+                failed.append(f"{specs[0]}: {e}")
+    return jobs, failed
 
 
 def _write(ins: Checkpoint, jobs: list[Job], *, dev: str, strict: bool, progress, command, extra=None) -> list[str]:

@@ -327,3 +327,10 @@ def test_push_target_is_checked_before_any_work_from_python(tmp_path, trio, monk
         shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o",
                           push_to_hub="me/graft")
     assert not (tmp_path / "o").exists()
+
+
+def test_push_with_several_outputs_is_refused_before_any_work(tmp_path, trio):
+    with pytest.raises(ShadowgraftError, match=r"--push-to-hub takes one output; push each folder with `shadowgraft push`"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o",
+                          alpha="0.5,1", push_to_hub="me/graft")
+    assert not (tmp_path / "o").exists()
