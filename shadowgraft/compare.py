@@ -19,8 +19,10 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from . import fp8
 from .checkpoint import Checkpoint
 from .errors import ShadowgraftError
 from .header import DTYPE_BITS, TensorInfo
@@ -56,6 +58,7 @@ class _Pair:
     b: TensorInfo
     shape: tuple[int, ...]  # of the compared part
     tuned: TensorInfo | None = None
+    scales: tuple[TensorInfo | None, ...] = (None, None, None)  # of a, b, tuned when FP8: read dequantized
 
     @property
     def numel(self) -> int:
@@ -119,7 +122,7 @@ def stats(
         tensors=rows, layers=group_rows(rows, by="layer"), modules=group_rows(rows, by="module"),
         only_in_a=m.only_a, only_in_b=m.only_b, mismatched=m.mismatched, skipped=m.skipped,
         tuned_missing=m.tuned_missing, seconds=seconds, bytes_read=total,
-        renamed={k: r.to_dict() for k, r in m.renamed.items()},
+        renamed={k: r.to_dict() for k, r in m.renamed.items()}, fp8_scales=m.fp8_scales,
     )
 
 
@@ -135,6 +138,7 @@ class _Matched:
     skipped: list[str]  # in both, but not F64/F32/F16/BF16 in both
     tuned_missing: list[str]  # compared A/B pairs that T lacks or has in another shape (towers T has)
     renamed: dict[str, Rename]  # "a", "b" or "tuned" -> the prefix rule its names were compared under
+    fp8_scales: list[str]  # weight_scale_inv tensors of A or B, compared through their weights
 
 
 def _match(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None, *, scope: str, include: Sequence[str],
@@ -146,14 +150,19 @@ def _match(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None, *, scope: s
     listed_a = select(va, scope=scope, include=include, exclude=exclude, floats_only=False)
     listed_b = select(vb, scope=scope, include=include, exclude=exclude, floats_only=False)
     named = _name_filter(include, exclude)
+    qa, qb = fp8.scales(va), fp8.scales(vb)
+    qt = fp8.scales(vt) if vt is not None else {}
+    scale_names = {fp8.scale_name(w) for q in (qa, qb) for w in q}
     pairs, only_a, mismatched, skipped, tuned_missing = [], [], [], [], []
     for name, ta in va.tensors.items():
         tb = vb.tensors.get(name)
+        if name in scale_names:
+            continue
         if tb is None:
             if listed_a(name):
                 only_a.append(name)
             continue
-        if not ta.is_float or not tb.is_float:
+        if not (ta.is_float or name in qa) or not (tb.is_float or name in qb):
             # Integer buffers (position ids, masks) and fp8 scales are not compared.
             if named(name):
                 skipped.append(name)
@@ -169,13 +178,14 @@ def _match(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None, *, scope: s
         tt = None
         if vt is not None:
             cand = vt.tensors.get(name)
-            if cand is not None and cand.is_float and cand.shape == ta.shape == tb.shape:
+            if cand is not None and (cand.is_float or name in qt) and cand.shape == ta.shape == tb.shape:
                 tt = cand
             elif tower(name) in vt.towers:
                 tuned_missing.append(name)
-        pairs.append(_Pair(name, ta, tb, shape, tt))
+        pairs.append(_Pair(name, ta, tb, shape, tt, (qa.get(name), qb.get(name), qt.get(name) if tt is not None else None)))
     only_b = [n for n in vb.tensors if n not in va.tensors and listed_b(n)]
-    return _Matched(pairs, only_a, only_b, mismatched, skipped, tuned_missing, renamed)
+    return _Matched(pairs, only_a, only_b, mismatched, skipped, tuned_missing, renamed,
+                    sorted(n for n in scale_names if named(n)))
 
 
 @dataclass(frozen=True)
@@ -184,6 +194,7 @@ class _View:
 
     tensors: dict[str, TensorInfo]
     source: str
+    root: Path | None = None  # where config.json is: it may say the checkpoint is quantized
 
     @property
     def towers(self) -> set[str]:
@@ -209,14 +220,14 @@ def _views(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None) -> tuple[_V
         else:
             if len(errors) == 2:
                 raise errors[0]
-    va = _View({renamed["a"](n) if "a" in renamed else n: t for n, t in cka.tensors.items()}, cka.source)
-    vb = _View({renamed["b"](n) if "b" in renamed else n: t for n, t in ckb.tensors.items()}, ckb.source)
+    va = _View({renamed["a"](n) if "a" in renamed else n: t for n, t in cka.tensors.items()}, cka.source, cka.root)
+    vb = _View({renamed["b"](n) if "b" in renamed else n: t for n, t in ckb.tensors.items()}, ckb.source, ckb.root)
     vt = None
     if ckt is not None:
         rule = find(ckt.tensors, va.tensors, what=ckt.source, onto=cka.source)
         if rule is not None:
             renamed["tuned"] = rule
-        vt = _View({rule(n) if rule else n: t for n, t in ckt.tensors.items()}, ckt.source)
+        vt = _View({rule(n) if rule else n: t for n, t in ckt.tensors.items()}, ckt.source, ckt.root)
     return va, vb, vt, renamed
 
 
@@ -254,7 +265,7 @@ def _measure(pairs: list[_Pair], reader: Reader, progress: Callable[[int], None]
 
     for p in pairs:
         # Open every file now: workers must not race to open (and leak) descriptors.
-        for info in (p.a, p.b, p.tuned):
+        for info in (p.a, p.b, p.tuned, *p.scales):
             if info is not None:
                 reader.fd(info)
     kernel()  # compile it once, here, before the workers race to
@@ -268,17 +279,18 @@ def _measure(pairs: list[_Pair], reader: Reader, progress: Callable[[int], None]
     def tasks():
         # A generator: a 70B model is ~75K spans, no need to list them.
         for k, p in enumerate(pairs):
-            for s in range(0, p.numel, span):
-                yield k, s, min(span, p.numel - s)
+            # FP8 weights are read a 128-row band at a time, with that band's scales.
+            step = fp8.band(p.shape) if any(p.scales) else span
+            for s in range(0, p.numel, step):
+                yield k, s, min(step, p.numel - s)
 
     def work(k: int, s: int, n: int) -> tuple[Sums, DeltaSums | None]:
         # Each thread owns its buffers, named by a per-thread role suffix.
         if not hasattr(slot, "id"):
             slot.id = next(ids)
         r, p = slot.id, pairs[k]
-        a = reader.load(f"a{r}", p.a, s, n)
-        b = reader.load(f"b{r}", p.b, s, n)
-        t = reader.load(f"t{r}", p.tuned, s, n) if p.tuned is not None else None
+        a, b = _load(reader, f"a{r}", p.a, p.scales[0], s, n), _load(reader, f"b{r}", p.b, p.scales[1], s, n)
+        t = _load(reader, f"t{r}", p.tuned, p.scales[2], s, n) if p.tuned is not None else None
         w = reader.work(f"w{r}", scratch_elements(n, reader.chunk), torch.float32)
         return range_sums(a, b, tuned=t, work=w, step=reader.chunk)
 
@@ -314,6 +326,15 @@ def _measure(pairs: list[_Pair], reader: Reader, progress: Callable[[int], None]
                 while pending:
                     collect(*_result(pending.popleft()))
     return totals
+
+
+def _load(reader: Reader, role: str, info: TensorInfo, scale: TensorInfo | None, s: int, n: int):
+    """Elements ``[s, s+n)`` as stored, or an FP8 weight's dequantized to fp32 (the exact product rounded once)."""
+    if scale is None:
+        return reader.load(role, info, s, n)
+    import torch
+
+    return reader.load_value(role, info, s, n, torch.float32, scale)
 
 
 def _result(item):

@@ -11,6 +11,8 @@ _TORCH = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    # Block-scaled FP8 weights (fp8.py): read raw here, dequantized with their scales.
+    "F8_E4M3": torch.float8_e4m3fn,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,

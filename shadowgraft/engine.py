@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import fp8
 from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
 from .errors import ShadowgraftError
@@ -59,7 +60,7 @@ class Stats:
 class _Op:
     """One unit of pipeline work: a kernel copy of a byte run, or one chunk of one tensor."""
 
-    kind: str  # "copy" | "chunk"
+    kind: str  # "copy" | "chunk" | "hole" (room for scales written later)
     items: tuple[Item, ...] = ()  # chunk: the same tensor in each output
     first: TensorInfo | None = None  # copy: where the run starts
     nbytes: int = 0  # copy: run length
@@ -78,8 +79,11 @@ def _key(info: TensorInfo) -> tuple:
 
 def wants_float64(it: Item) -> bool:
     """fp32 has twice the mantissa of a 16-bit input, so one final rounding is (almost
-    always) the correctly rounded result; fp32 inputs need fp64 for the same guarantee."""
+    always) the correctly rounded result; fp32 inputs need fp64 for the same guarantee,
+    and so do FP8 weights, whose dequantized values are exact in fp64 only."""
     wide = {"F32", "F64"}
+    if it.fp8 or it.dtype == fp8.CODE:
+        return True
     if it.action == "graft" and it.terms and it.base is None:
         # A stored delta (``diff``) already holds the working precision of the
         # graft it came from, F32 for 16-bit models and F64 for F32 ones, so
@@ -109,6 +113,11 @@ class Engine:
         self._lora_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # ((term, dtype), left, right)
         self._thresholds: dict[tuple, float] = {}  # TIES: (item inputs, term) -> k-th largest |d| of the tensor
         self._bad: list = []
+        # Requantized FP8 grafts: (output, scale name) -> the new scales, filled
+        # band by band by the compute stage and written by the writer stage
+        # at the scale tensor's offset, _holes[output][name], once complete.
+        self._qscales: dict[tuple[int, str], torch.Tensor] = {}
+        self._holes: list[dict[str, int]] = []
         if self.cuda:
             self._stream = torch.cuda.Stream(self.device)
 
@@ -131,6 +140,10 @@ class Engine:
                 yield _Op("copy", first=it.src, nbytes=items[j - 1].src.end - it.src.start)
                 k = j
                 continue
+            if it.action == "scale":
+                yield _Op("hole", items=group, nbytes=it.nbytes)
+                k += 1
+                continue
             step = self._step(it)
             n = it.src.numel
             for s in range(0, n, step):
@@ -140,6 +153,9 @@ class Engine:
             k += 1
 
     def _step(self, it: Item) -> int:
+        if it.fp8 or it.dtype == fp8.CODE:
+            # One 128-row band: a block scale depends on its whole block.
+            return fp8.band(it.src.shape)
         if it.lora is None:
             return self.chunk
         # Low-rank terms are computed a row block at a time.
@@ -157,6 +173,11 @@ class Engine:
                 key = _key(info)
                 if key not in op.inputs:
                     op.inputs[key] = r.load(f"in{len(op.inputs)}@{slot}", info, op.start, op.n)
+            for info, scale in it.fp8:
+                # The scale rows of this band, read with it.
+                key = _key(scale)
+                if key not in op.inputs:
+                    op.inputs[key] = r.load(f"in{len(op.inputs)}@{slot}", scale, *fp8.scale_span(info.shape, op.start, op.n))
         self.stats.bytes_read += sum(x.numel() * x.element_size() for x in op.inputs.values())
 
     def _compute(self, op: _Op) -> None:
@@ -178,17 +199,16 @@ class Engine:
         r, m = self.reader, op.n
         out_dt, osz = torch_dtype(it.dtype), DTYPE_BITS[it.dtype] // 8
         host_out = r.raw(f"out.{j}@{op.slot}", m * osz).view(out_dt)
-        x = self._in(op, it.src)
-        if it.action == "cast":
-            res = x
+        if it.action == "cast" and not it.fp8:
+            res = self._in(op, it.src)
         else:
             wd = torch.float64 if wants_float64(it) else torch.float32
             acc = r.work("acc", m, wd)
-            acc.copy_(x)
+            self._value(op, it, it.src, acc)
             if it.action == "delta":
                 # diff: tuned (src) - base alone, the same subtraction a graft does.
                 b = r.work("b", m, wd)
-                b.copy_(self._in(op, it.base))
+                self._value(op, it, it.base, b)
                 acc.sub_(b)
             elif it.terms:
                 _add_scaled(acc, self._change(op, it, wd, changes), it.alpha, r.work("scaled", m, wd))
@@ -196,6 +216,8 @@ class Engine:
                 rows = self._lora_rows(it, op.start, m, wd)
                 _add_scaled(acc, rows, it.alpha, rows)
             res = acc
+        if it.dtype == fp8.CODE:
+            return self._requantize(op, j, it, res, host_out)
         if self.cuda:
             dev_out = r.work(f"out.{j}", m, out_dt)
             dev_out.copy_(res)
@@ -216,6 +238,32 @@ class Engine:
     def _in(self, op: _Op, info: TensorInfo) -> torch.Tensor:
         return self._dev(op.inputs[_key(info)])
 
+    def _value(self, op: _Op, it: Item, info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
+        """``info``'s chunk upcast into ``out``; an FP8 input multiplied by its block scales (exact in float64)."""
+        out.copy_(self._in(op, info))
+        for x, scale in it.fp8:
+            if x == info:
+                fp8.dequantize_(out, self._in(op, scale), info.shape[-1], op.start)
+        return out
+
+    def _requantize(self, op: _Op, j: int, it: Item, res: torch.Tensor, host_out: torch.Tensor) -> torch.Tensor:
+        """Quantize one grafted band back to FP8 and keep its new scale row for the scale tensor."""
+        scale_info = dict(it.fp8)[it.src]
+        key = (j, scale_info.name)
+        if key not in self._qscales:
+            self._qscales[key] = torch.empty(scale_info.shape, dtype=torch.float32)
+        if op.n:
+            out = self.reader.work(f"out.{j}", op.n, torch.float8_e4m3fn) if self.cuda else host_out
+            row = self.reader.work("qscale", scale_info.shape[-1], torch.float32)
+            fp8.quantize_band_(res, it.src.shape[-1], out, row, self.reader.work("q", op.n, torch.float64))
+            # Counted before quantizing: a NaN or Inf poisons its whole block's scale.
+            if not math.isfinite(float(res.sum())):
+                self._bad[j] = self._bad[j] + int((~torch.isfinite(res)).sum())
+            self._qscales[key][op.start // fp8.band(it.src.shape)].copy_(row)
+            if self.cuda:
+                host_out.copy_(out)  # synchronous: the scale row came back the same way
+        return host_out
+
     def _change(self, op: _Op, it: Item, wd: torch.dtype, changes: dict) -> torch.Tensor:
         """The chunk of ``it``'s change: ``term - base``, a stored delta, or several combined by ``it.mix``."""
         key = (it.terms, it.base, it.mix, wd)
@@ -224,12 +272,10 @@ class Engine:
         r, m, g = self.reader, op.n, len(changes)
         b = None
         if it.base is not None:
-            b = r.work("b", m, wd)
-            b.copy_(self._in(op, it.base))
+            b = self._value(op, it, it.base, r.work("b", m, wd))
         ds = []
         for i, term in enumerate(it.terms):
-            d = r.work(f"d{i}.{g}", m, wd)
-            d.copy_(self._in(op, term))
+            d = self._value(op, it, term, r.work(f"d{i}.{g}", m, wd))
             if b is not None:
                 d.sub_(b)
             if it.mix is not None and it.mix.dare is not None:
@@ -253,13 +299,13 @@ class Engine:
         """
         key = (it.terms[i], it.base, wd)
         if key not in self._thresholds:
-            r, term = self.reader, it.terms[i]
+            r, term, scales = self.reader, it.terms[i], dict(it.fp8)
             absd = torch.empty(term.numel, dtype=wd)
-            for s, c in r.spans(term):
+            for s, c in r.spans(term, fp8.band(term.shape) if it.fp8 else None):
                 seg = absd[s:s + c]
-                seg.copy_(r.load("ties.t", term, s, c))
+                seg.copy_(r.load_value("ties.t", term, s, c, wd, scales.get(term)))
                 if it.base is not None:
-                    seg.sub_(r.load("ties.b", it.base, s, c).to(wd))
+                    seg.sub_(r.load_value("ties.b", it.base, s, c, wd, scales.get(it.base)))
                 seg.abs_()
             self._thresholds[key] = kth_largest(absd.numpy(), it.mix.density)
         return self._thresholds[key]
@@ -276,12 +322,21 @@ class Engine:
                 copy_range(src, op.first.start, fd, op.nbytes, op.first)
             self.stats.bytes_read += op.nbytes
             n = op.nbytes
+        elif op.kind == "hole":
+            # The scales of a requantized graft that comes later in this file.
+            for fd in fds:
+                _write_all(fd, bytes(op.nbytes))
+            n = op.nbytes
         else:
             if op.event is not None:
                 op.event.synchronize()
             for fd, out in zip(fds, op.outs):
                 _write_all(fd, out.view(torch.uint8).numpy())
             n = op.outs[0].numel() * op.outs[0].element_size()
+            if op.last and op.items[0].dtype == fp8.CODE and op.items[0].action == "graft":
+                for j, (fd, it) in enumerate(zip(fds, op.items)):
+                    name = dict(it.fp8)[it.src].name
+                    _pwrite_all(fd, self._qscales.pop((j, name)).numpy(), self._holes[j][name])
         for st in self._outs:
             st.bytes_written += n
         self.progress(n * len(fds))
@@ -304,6 +359,7 @@ class Engine:
             raise ValueError("write_shards needs shards with the same layout")
         self._outs = list(stats) if stats is not None else [self.stats] + [Stats() for _ in shards[1:]]
         self._bad = [0] * len(shards)
+        self._holes = [_holes(shard) for shard in shards]
         fds: list[int] = []
         try:
             for shard, path in zip(shards, paths):
@@ -441,6 +497,25 @@ def _add_scaled(acc: torch.Tensor, x: torch.Tensor, alpha: float, scratch: torch
     if alpha != 1.0:
         x = torch.mul(x, alpha, out=scratch)
     acc.add_(x)
+
+
+def _holes(shard: Shard) -> dict[str, int]:
+    """File offsets of the scale tensors the engine writes after their FP8 weight; each must precede its weight."""
+    where, off = {}, len(shard_header(shard))
+    for it in shard.items:
+        if it.action == "scale":
+            where[it.name] = off
+        elif it.action == "graft" and it.dtype == fp8.CODE and dict(it.fp8)[it.src].name not in where:
+            raise ValueError(f"'{it.name}': its scale item must come before it in the shard")
+        off += it.nbytes
+    return where
+
+
+def _pwrite_all(fd: int, buf, offset: int) -> None:
+    mv = memoryview(buf).cast("B")
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
 
 
 def _write_all(fd: int, buf) -> None:

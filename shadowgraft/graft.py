@@ -254,7 +254,7 @@ def _write(ins: Checkpoint, jobs: list[Job], *, dev: str, strict: bool, progress
                         "check the inputs, or drop --strict to write them anyway")
                 write_index(tmp, job.plan.shards)
                 outputs = check_written(tmp, job.plan)  # the cheap part of `shadowgraft verify`, each header read once
-                copy_side_files(side, tmp)
+                copy_side_files(side, tmp, dequantized=job.plan.dequantized)
                 record = provenance(job, command=command, device=str(dev), extra=extra)
                 record["outputs"] = outputs
                 write_record(tmp, record)

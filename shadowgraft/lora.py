@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from . import fp8
 from .checkpoint import Checkpoint, is_repo_spec, missing_path
 from .files import file_problem, pickle_refusal, read_config, regular_file
 from .errors import ShadowgraftError
@@ -356,6 +357,7 @@ def plan_adapter(
     ['model.layers.0.self_attn.q_proj.weight']
     """
     pick = select(ins, scope=scope, include=include, exclude=exclude)
+    quant = fp8.scales(ins)  # FP8 weights are read dequantized, like floats
     terms: dict[str, LoraTerm] = {}
     problems, skipped = [], []
     renamed = []
@@ -390,7 +392,7 @@ def plan_adapter(
         transpose = mod.embedding or conv
         rows, cols = mod.b.shape[0], mod.a.shape[1]
         want = (cols, rows) if transpose else (rows, cols)
-        if not w.is_float:
+        if not (w.is_float or target in quant):
             problems.append(f"'{target}' is {w.dtype} in instruct, which cannot be grafted")
         elif tuple(w.shape) != want:
             hint = ""

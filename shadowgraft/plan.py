@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+from . import fp8
 from .checkpoint import Checkpoint
 from .errors import ShadowgraftError
 from .files import SINGLE_NAME
@@ -33,12 +34,15 @@ class LoraTerm:
 
 @dataclass(frozen=True)
 class Item:
-    """One output tensor: ``copy`` (raw bytes), ``cast`` (dtype change), ``graft`` (compute) or ``delta`` (diff).
+    """One output tensor: ``copy`` (raw bytes), ``cast`` (dtype change), ``graft`` (compute), ``delta`` (diff)
+    or ``scale`` (the block scales of a requantized FP8 graft, written by the engine with that graft).
 
     A graft adds ``alpha`` times the change of its ``terms``: ``term - base``
     for tuned checkpoints, the term itself for stored deltas (no base),
     combined by ``mix`` when there are several; or ``alpha`` times a LoRA
-    product. A ``delta`` item writes ``src - base``.
+    product. A ``delta`` item writes ``src - base``. ``fp8`` pairs each FP8
+    input with its ``weight_scale_inv``: those inputs are read dequantized,
+    and an ``F8_E4M3`` graft is requantized with new scales for ``src``'s.
     """
 
     name: str
@@ -50,6 +54,7 @@ class Item:
     lora: LoraTerm | None = None
     alpha: float = 1.0
     mix: Mix | None = None
+    fp8: tuple[tuple[TensorInfo, TensorInfo], ...] = ()  # (FP8 input, its scale)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -92,11 +97,17 @@ class Plan:
 
     @property
     def grafted(self) -> list[str]:
-        return [i.name for i in self.items if i.action == "graft"]
+        """Tensors whose values change: grafts, and the rewritten scales of requantized FP8 grafts."""
+        return [i.name for i in self.items if i.action in ("graft", "scale")]
 
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
+
+    @property
+    def dequantized(self) -> bool:
+        """Instruct's FP8 weights are written as plain floats, so config.json loses its quantization_config."""
+        return any(i.dtype != fp8.CODE and any(x == i.src for x, _ in i.fp8) for i in self.items)
 
     def count(self, action: str) -> int:
         return sum(1 for i in self.items if i.action == action)
@@ -117,10 +128,13 @@ def select(ck: Checkpoint, *, scope: str = "linear", include: Sequence[str] = ()
     if scope not in SCOPES:
         raise ShadowgraftError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
     inc, exc = compile_patterns(include, "--include"), compile_patterns(exclude, "--exclude")
+    quant = fp8.scales(ck)
+    # Scales are grafted through their weights, never as tensors of their own.
+    scale_names = {s.name for s in quant.values()}
 
     def in_view(name: str) -> bool:
         t = ck.tensors[name]
-        if floats_only and not t.is_float:
+        if name in scale_names or floats_only and not (t.is_float or name in quant):
             return False
         sib = next((w for w in weight_names(name) if w in ck.tensors), None)
         wshape = ck.tensors[sib].shape if sib else None
@@ -199,23 +213,31 @@ def plan_graft(
         lacking = [label for label, v in views.items() if not gone <= {tower(n) for n in v}]
         notes.append(f"{len(absent)} tensor(s) of tower(s) absent from {' and '.join(lacking)} "
                      f"({', '.join(sorted(gone))}) keep instruct's values: {_names(absent)}")
-    _check_inputs(instruct, sources, chosen, views)
+    quant = {label: fp8.scales(ck) for label, ck in sources.items()}
+    _check_inputs(instruct, sources, chosen, views, quant)
     rules = _alpha_rules(alpha_for)
     picked = set(chosen)
+    scaled = _Fp8Items(instruct, dtype, picked)
     items = []
     for t in instruct:
-        if t.name not in picked:
-            items.append(_item(t, dtype))
+        if scaled.is_scale(t.name):
+            items += scaled.scale_item(t)
+        elif t.name not in picked:
+            items.append(_item(t, dtype, fp8=scaled.pairs(t)))
         elif delta is not None:
-            items.append(_item(t, dtype, terms=(views["delta"][t.name],), alpha=alpha_of(t.name, alpha, rules), mix=mix))
+            d = views["delta"][t.name]
+            items.append(_item(t, dtype, terms=(d,), alpha=alpha_of(t.name, alpha, rules), mix=mix,
+                               fp8=scaled.pairs(t, (d, quant["delta"]))))
         else:
-            items.append(_item(t, dtype, terms=tuple(views[label][t.name] for label in labels), base=views["base"][t.name],
-                               alpha=alpha_of(t.name, alpha, rules), mix=mix))
-    warnings = _unused_warnings(instruct, views)
+            terms, b = tuple(views[label][t.name] for label in labels), views["base"][t.name]
+            pairs = scaled.pairs(t, *((x, quant[label]) for x, label in zip(terms, labels)), (b, quant["base"]))
+            items.append(_item(t, dtype, terms=terms, base=b, alpha=alpha_of(t.name, alpha, rules), mix=mix, fp8=pairs))
+    warnings = _unused_warnings(instruct, views, quant)
     first = next(iter(views.values()))
-    kept = [n for n in instruct.tensors if n in first and n not in picked | set(absent)]
+    kept = [n for n in instruct.tensors if n in first and n not in picked | set(absent) and not scaled.is_scale(n)]
     if kept:
         notes.append(f"{len(kept)} tensor(s) outside --scope {scope}/--include/--exclude keep instruct's values: {_names(kept)}")
+    notes += scaled.notes(items)
     return Plan(tuple(plan_shards(instruct, items, max_shard_size)), alpha, scope, tuple(warnings), tuple(notes),
                 tuple(alpha_for), mix, tuple((label, r) for label, r in renames.items() if r))
 
@@ -224,6 +246,54 @@ def _towers_present(chosen: list[str], views: dict[str, dict[str, TensorInfo]]) 
     """Split ``chosen`` into names whose tower every input holds, and the rest (a text-only tune has no vision tower)."""
     held = set.intersection(*({tower(n) for n in v} for v in views.values()))
     return [n for n in chosen if tower(n) in held], [n for n in chosen if tower(n) not in held]
+
+
+class _Fp8Items:
+    """How instruct's FP8 weights and their scales become output items.
+
+    ``--dtype auto`` keeps instruct's format: a grafted FP8 weight is
+    requantized and its scale tensor rewritten (a ``scale`` item); untouched
+    weights and scales are copied. An explicit ``--dtype`` writes plain
+    floats: every FP8 weight dequantized, no scale tensors.
+    """
+
+    def __init__(self, instruct: Checkpoint, dtype: str | None, picked: set[str]):
+        self.scales = fp8.scales(instruct)
+        self._weight = {s.name: w for w, s in self.scales.items()}
+        self._picked = picked
+        self._plain = dtype is not None
+        if self._plain and self.scales and instruct.root is not None and (instruct.root / fp8.CONFIG).is_file():
+            fp8.dequantized_config(instruct.root / fp8.CONFIG)  # fails now, not after the weights are written
+
+    def is_scale(self, name: str) -> bool:
+        return name in self._weight
+
+    def scale_item(self, t: TensorInfo) -> list[Item]:
+        if self._plain:
+            return []
+        if self._weight[t.name] in self._picked:
+            return [Item(t.name, "scale", t.dtype, t)]
+        return [Item(t.name, "copy", t.dtype, t)]
+
+    def notes(self, items: list[Item]) -> list[str]:
+        """What happens to instruct's FP8 weights, for the plan's notes."""
+        if not self.scales:
+            return []
+        if self._plain:
+            out = next(i.dtype for i in items if i.name in self.scales)
+            return [f"instruct's {len(self.scales)} FP8 weight(s) are written dequantized as {out}, without their "
+                    "weight_scale_inv tensors; config.json is copied without its quantization_config"]
+        grafted = sum(1 for i in items if i.action == "scale")
+        return [f"{grafted} grafted FP8 weight(s) are requantized per 128x128 block (scale = amax / 448) and their "
+                f"weight_scale_inv rewritten; {len(self.scales) - grafted} other FP8 weight(s) and their scales are copied"]
+
+    def pairs(self, t: TensorInfo, *inputs: tuple[TensorInfo, dict[str, TensorInfo]]) -> tuple:
+        """``(FP8 tensor, its scale)`` for instruct's ``t`` and every other ``(tensor, its checkpoint's scales)``.
+
+        Looked up by each tensor's own name, which a text-only tune's prefix change does not touch.
+        """
+        found = [(t, self.scales)] + list(inputs)
+        return tuple((x, q[x.name]) for x, q in found if x.dtype == fp8.CODE and x.name in q)
 
 
 def _alpha_rules(alpha_for: Sequence[tuple[str, float]]) -> list[tuple[re.Pattern, float]]:
@@ -245,27 +315,38 @@ def alpha_of(name: str, alpha: float, rules: Sequence[tuple[re.Pattern, float]])
 
 
 def _item(src: TensorInfo, dtype: str | None, *, terms: tuple[TensorInfo, ...] = (), base: TensorInfo | None = None,
-          lora: LoraTerm | None = None, alpha: float = 1.0, mix: Mix | None = None) -> Item:
-    out = dtype if dtype and src.is_float else src.dtype
+          lora: LoraTerm | None = None, alpha: float = 1.0, mix: Mix | None = None, fp8: tuple = ()) -> Item:
+    floating = src.is_float or any(x == src for x, _ in fp8)
+    out = dtype if dtype and floating else src.dtype
     if terms or lora:
-        return Item(src.name, "graft", out, src, terms, base, lora, alpha, mix)
-    return Item(src.name, "copy" if out == src.dtype else "cast", out, src)
+        return Item(src.name, "graft", out, src, terms, base, lora, alpha, mix, fp8)
+    if out == src.dtype:
+        return Item(src.name, "copy", out, src)
+    return Item(src.name, "cast", out, src, fp8=fp8)
 
 
 def items_with(instruct: Checkpoint, dtype: str | None, lora: dict[str, LoraTerm], *, alpha: float = 1.0,
                alpha_for: Sequence[tuple[str, float]] = ()) -> list[Item]:
     """Items for an adapter graft: tensors in ``lora`` get their low-rank term, the rest copy."""
     rules = _alpha_rules(alpha_for)
-    return [_item(t, dtype, lora=lora.get(t.name), alpha=alpha_of(t.name, alpha, rules)) for t in instruct]
+    scaled = _Fp8Items(instruct, dtype, set(lora))
+    items = []
+    for t in instruct:
+        if scaled.is_scale(t.name):
+            items += scaled.scale_item(t)
+        else:
+            items.append(_item(t, dtype, lora=lora.get(t.name), alpha=alpha_of(t.name, alpha, rules), fp8=scaled.pairs(t)))
+    return items
 
 
 def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: list[str],
-                  views: dict[str, dict[str, TensorInfo]]) -> None:
+                  views: dict[str, dict[str, TensorInfo]], quant: dict[str, dict[str, TensorInfo]]) -> None:
     missing: dict[str, list[str]] = {}
     problems = []
+    quant_ins = fp8.scales(instruct)
     for n in chosen:
         t = instruct[n]
-        if not t.is_float:
+        if not (t.is_float or n in quant_ins):
             problems.append(f"'{n}' is {t.dtype} in instruct, which cannot be grafted")
             continue
         for label, ck in views.items():
@@ -273,7 +354,7 @@ def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: 
                 missing.setdefault(label, []).append(n)
             elif ck[n].shape != t.shape:
                 problems.append(f"'{n}': instruct {tuple(t.shape)} != {label} {tuple(ck[n].shape)}")
-            elif not ck[n].is_float:
+            elif not (ck[n].is_float or ck[n].name in quant[label]):
                 problems.append(f"'{n}' is {ck[n].dtype} in {label}, which cannot be grafted")
     for label, names in missing.items():
         problems.insert(0, f"{len(names)} tensor(s) missing from {label} ({sources[label].source}): {_names(names)}")
@@ -282,10 +363,12 @@ def _check_inputs(instruct: Checkpoint, sources: dict[str, Checkpoint], chosen: 
         raise ShadowgraftError("; ".join(problems[:3]) + more + "; exclude them with --exclude REGEX or fix the inputs")
 
 
-def _unused_warnings(instruct: Checkpoint, views: dict[str, dict[str, TensorInfo]]) -> list[str]:
+def _unused_warnings(instruct: Checkpoint, views: dict[str, dict[str, TensorInfo]], quant: dict[str, dict]) -> list[str]:
     out = []
     for label, view in views.items():
-        extra = [n for n in view if n not in instruct.tensors]
+        # An FP8 source's scales are read with their weights.
+        used = {s.name for s in quant[label].values()}
+        extra = [n for n, t in view.items() if n not in instruct.tensors and t.name not in used]
         if extra:
             out.append(f"{len(extra)} tensor(s) only in {label} are ignored: {_names(extra)}")
     return out
@@ -343,14 +426,28 @@ def plan_shards(instruct: Checkpoint, items: list[Item], max_shard_size: int | N
     With no size limit the output mirrors instruct's files (same names, same
     tensors per file), which is what users of the instruct model expect.
     Otherwise items are packed greedily in instruct's order (``pack``).
+
+    The rewritten scales of a requantized FP8 graft go in their weight's file
+    (the engine patches them in once the weight is done): F32 sorts before
+    F8_E4M3, so they always precede it there.
     """
+    owner = {dict(i.fp8)[i.src].name: i for i in items if i.action == "graft" and i.dtype == fp8.CODE}
+    scale_items = [i for i in items if i.action == "scale"]
+    items = [i for i in items if i.action != "scale"]
     if max_shard_size is None:
         by_file: dict = {}
         for it in items:
             by_file.setdefault(it.src.file, []).append(it)
+        for it in scale_items:
+            by_file.setdefault(owner[it.name].src.file, []).append(it)
         if len(by_file) <= 1:
-            return [aligned(SINGLE_NAME, items)]
+            return [aligned(SINGLE_NAME, items + scale_items)]
         return [aligned(f.name, g) for f, g in by_file.items()]
     if max_shard_size <= 0:
         raise ShadowgraftError("--max-shard-size must be positive")
-    return [aligned(name, g) for name, g in pack(((it, it.nbytes) for it in items), max_shard_size)]
+    groups = pack(((it, it.nbytes) for it in items), max_shard_size)
+    # A few bytes past the limit rather than a scale apart from its weight.
+    home = {id(it): g for _, g in groups for it in g}
+    for it in scale_items:
+        home[id(owner[it.name])].append(it)
+    return [aligned(name, g) for name, g in groups]

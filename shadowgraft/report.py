@@ -170,6 +170,7 @@ class Report:
     tuned_missing: list[str] = field(default_factory=list)
     seconds: float = 0.0
     bytes_read: int = 0
+    fp8_scales: list[str] = field(default_factory=list)  # FP8 block scales: compared through their weights, not as tensors
     renamed: dict[str, dict[str, str]] = field(default_factory=dict)  # "a"/"b"/"tuned" -> prefix rule (prefix.Rename)
 
     # -- export -------------------------------------------------------------
@@ -186,6 +187,7 @@ class Report:
             "only_in_a": list(self.only_in_a), "only_in_b": list(self.only_in_b),
             "mismatched": [m.to_dict() for m in self.mismatched],
             "skipped": list(self.skipped), "tuned_missing": list(self.tuned_missing),
+            "fp8_scales": list(self.fp8_scales),
             "seconds": self.seconds, "bytes_read": self.bytes_read, "renamed": dict(self.renamed),
         }
 
@@ -335,6 +337,7 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
         con.print(t)
     for label, names in (("only in A", r.only_in_a), ("only in B", r.only_in_b),
                          ("skipped, dtype not F64/F32/F16/BF16", r.skipped),
+                         ("FP8 block scales, compared through their weights (dequantized)", r.fp8_scales),
                          ("missing or reshaped in tuned, no delta figures", r.tuned_missing)):
         if names:
             con.print(f"[yellow]{label}[/] ({len(names)}): {shown(_names(names))}", emoji=False)

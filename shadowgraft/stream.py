@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
+from .fp8 import dequantize_, scale_span
 from .header import DTYPE_BITS, TensorInfo
 
 # 256K elements (1 MB per fp32 work buffer): the handful of buffers one
@@ -74,6 +75,15 @@ class Reader:
         x = self.load(role, info, start, n)
         w = self.work(role, n, dtype)
         w.copy_(x)
+        return w
+
+    def load_value(self, role: str, info: TensorInfo, start: int, n: int, dtype: torch.dtype = torch.float32,
+                   scale: TensorInfo | None = None) -> torch.Tensor:
+        """Like ``load_float``; an FP8 weight (``scale`` given) comes dequantized, ``[start, start+n)`` whole rows."""
+        w = self.load_float(role, info, start, n, dtype)
+        if scale is not None:
+            s0, sn = scale_span(info.shape, start, n)
+            dequantize_(w, self.load(role + ".scale", scale, s0, sn), info.shape[-1], start)
         return w
 
     def fd(self, info: TensorInfo) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import ShadowgraftError
 from .files import INDEX_NAME, regular_file
+from .fp8 import dequantized_config
 from .hub import LICENSE_FILES, SIDE_FILES
 from .plan import Shard
 from .record import RECORD_NAME
@@ -79,13 +80,21 @@ def side_files(src: Path | None) -> list[Path]:
     return found
 
 
-def copy_side_files(files: list[Path], dst: Path) -> list[str]:
-    """Copy ``files`` (from ``side_files``) into ``dst``; returns their paths relative to it."""
+def copy_side_files(files: list[Path], dst: Path, *, dequantized: bool = False) -> list[str]:
+    """Copy ``files`` (from ``side_files``) into ``dst``; returns their paths relative to it.
+
+    ``dequantized``: the weights were FP8 and are plain floats now, so
+    config.json is rewritten without its ``quantization_config`` (a loader
+    would otherwise look for FP8 weights and scales).
+    """
     copied = []
     for p in files:
         rel = f"{CHAT_TEMPLATE_DIR}/{p.name}" if p.parent.name == CHAT_TEMPLATE_DIR else p.name
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(p, dst / rel)
+        if dequantized and rel == "config.json":
+            (dst / rel).write_text(dequantized_config(p), encoding="utf-8")
+        else:
+            shutil.copyfile(p, dst / rel)
         copied.append(rel)
     return copied
 
