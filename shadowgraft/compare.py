@@ -163,7 +163,7 @@ def _match(cka: Checkpoint, ckb: Checkpoint, ckt: Checkpoint | None, *, scope: s
                 only_a.append(name)
             continue
         if not (ta.is_float or name in qa) or not (tb.is_float or name in qb):
-            # Integer buffers (position ids, masks) and fp8 scales are not compared.
+            # Integer buffers (position ids, masks) are not compared (FP8 scales were set aside above).
             if named(name):
                 skipped.append(name)
             continue

@@ -113,7 +113,8 @@ def _format_of(name: str, info: TensorInfo, tensors: dict) -> str | None:
     if info.dtype in _DTYPES:
         return _DTYPES[info.dtype]
     last = name.rsplit(".", 1)[-1]
-    if last in ("qweight", "qzeros", "g_idx") or (last == "scales" and name[: -len(last)] + "qweight" in tensors):
+    # A qweight with its qzeros or scales: a lone integer matrix is only copied, like any integer tensor.
+    if last == "qweight" and any(name[: -len(last)] + x in tensors for x in ("qzeros", "scales")):
         return "GPTQ/AWQ (qweight/qzeros/scales)"
     if last in ("absmax", "quant_map", "nested_absmax", "nested_quant_map") or ".quant_state." in name:
         return "bitsandbytes (absmax/quant_state)"
