@@ -84,19 +84,19 @@ def _out_file(value: str) -> None:
 
 
 def _alphas(value: str) -> None:
-    from ..graft import parse_alphas
+    from ..recipe import parse_alphas
 
     parse_alphas(value)
 
 
 def _alpha_rules(values: tuple[str, ...]) -> None:
-    from ..graft import parse_alpha_for
+    from ..recipe import parse_alpha_for
 
     parse_alpha_for(values)
 
 
 def _weights(value: str) -> None:
-    from ..graft import parse_floats
+    from ..recipe import parse_floats
 
     parse_floats(value, "--weights")
 
