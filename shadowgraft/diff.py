@@ -30,9 +30,10 @@ from .errors import ShadowgraftError
 from .files import read_config
 from .header import FLOAT_DTYPES
 from .naming import module_kind
-from .plan import Item, Plan, parse_size, plan_shards, select
+from .plan import Item, Plan, select
 from .card import write_delta_card
 from .record import write_record
+from .shards import parse_size, plan_shards
 from .verify import check_written
 from .writer import OutputDir, write_index
 

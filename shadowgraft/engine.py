@@ -32,7 +32,8 @@ from .dtypes import torch_dtype
 from .errors import ShadowgraftError
 from .header import DTYPE_BITS, TensorInfo
 from .mix import combine, dare_keep, kth_largest
-from .plan import Item, LoraTerm, Shard
+from .plan import Item, LoraTerm
+from .shards import Shard
 from .stream import CHUNK, Reader
 from .writer import shard_header
 

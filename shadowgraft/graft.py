@@ -15,7 +15,8 @@ from .dtypes import parse_dtype
 from .engine import Engine, Stats
 from .errors import ShadowgraftError
 from .mix import Mix
-from .plan import Plan, parse_size, plan_graft
+from .plan import Plan, plan_graft
+from .shards import parse_size
 from .recipe import cli_line, expand_tuned, parse_alpha_for, parse_alphas, parse_mix
 from .record import write_record
 from .verify import check_written

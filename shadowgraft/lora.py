@@ -45,9 +45,10 @@ from .files import file_problem, pickle_refusal, read_config, regular_file
 from .errors import ShadowgraftError
 from .header import TensorInfo
 from .naming import module_kind
-from .plan import LoraTerm, Plan, items_with, plan_shards, select
+from .plan import LoraTerm, Plan, items_with, select
 from .prefix import find
 from .record import RECORD_NAME, read_record
+from .shards import plan_shards
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .header import DTYPE_BITS, TensorInfo
-from .plan import Item, Shard
+from .plan import Item
+from .shards import Shard
 from .writer import shard_header
 
 # At or below this many rows/columns a full SVD is cheap and exact (256 x 1024

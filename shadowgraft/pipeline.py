@@ -117,7 +117,8 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
 
 def _similarity(base, instruct, path: Path, max_sigma: float | None) -> dict:
     """The stats summary for (base, instruct), read back from ``path`` when an earlier run measured this pair."""
-    from .compare import THRESHOLD, stats
+    from .compare import stats
+    from .summary import THRESHOLD
 
     threshold = THRESHOLD if max_sigma is None else max_sigma
     key = {"base": str(base), "instruct": str(instruct), "threshold": threshold}

@@ -118,7 +118,7 @@ class Summary:
     verdict: str
     delta_ratio: float | None = None  # ||T-A|| / ||B-A|| over the basis tensors
     delta_cosine: float | None = None
-    close: float = 0.03  # under it: close siblings (the default of ``compare.CLOSE``)
+    close: float = 0.03  # under it: close siblings (the default of ``summary.CLOSE``)
     band: str = "unknown"  # close | graftable | divergent | unknown
     towers: dict[str, dict] = field(default_factory=dict)
 

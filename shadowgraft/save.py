@@ -14,7 +14,8 @@ import torch
 
 from .dtypes import code_of, torch_dtype
 from .header import TensorInfo
-from .plan import Item, Shard, aligned, pack, parse_size
+from .plan import Item
+from .shards import Shard, aligned, pack, parse_size
 from .writer import shard_header, write_index
 
 

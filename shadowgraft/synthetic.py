@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from .files import INDEX_NAME
-from .plan import pack
+from .shards import pack
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .errors import ShadowgraftError
 from .files import INDEX_NAME, regular_file
 from .fp8 import dequantized_config
 from .hub import LICENSE_FILES, SIDE_FILES
-from .plan import Shard
+from .shards import Shard
 from .record import RECORD_NAME
 
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # the one sub-folder SIDE_FILES reaches into

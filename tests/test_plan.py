@@ -3,7 +3,8 @@
 import pytest
 
 from shadowgraft import Checkpoint, ShadowgraftError
-from shadowgraft.plan import parse_size, plan_graft, select
+from shadowgraft.plan import plan_graft, select
+from shadowgraft.shards import parse_size
 from shadowgraft.synthetic import Shape, make_trio
 
 

@@ -271,7 +271,7 @@ def test_api_reexport_and_report_types(trio):
 
 
 def test_verdict_bands_rest_on_published_sigmas():
-    from shadowgraft.compare import band_of
+    from shadowgraft.summary import band_of
 
     assert band_of(0.016) == "close"  # Llama-3.1-8B base vs instruct
     assert band_of(0.0562) == "graftable"  # Qwen3-4B-Base vs Instruct-2507, a pair the paper grafts

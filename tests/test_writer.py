@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from shadowgraft import Checkpoint
 from shadowgraft.engine import Engine
-from shadowgraft.plan import items_with, plan_shards
+from shadowgraft.plan import items_with
+from shadowgraft.shards import plan_shards
 from shadowgraft.errors import ShadowgraftError
 from shadowgraft.synthetic import Shape, make_trio
 from shadowgraft.writer import OutputDir, check_output_path, copy_side_files, index_json, side_files

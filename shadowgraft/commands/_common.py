@@ -56,7 +56,7 @@ def _device(value: str) -> None:
 
 
 def _size(value: str) -> None:
-    from ..plan import parse_size
+    from ..shards import parse_size
 
     n = parse_size(value)
     if n is not None and n <= 0:
