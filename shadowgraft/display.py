@@ -9,6 +9,8 @@ turn ``:name:`` codes into emoji, so what is printed is what the file holds.
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
@@ -61,3 +63,14 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return str(n)
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    """Sigma-style numbers: fixed decimals, scientific when tiny, '-' when absent."""
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(x)
+    if x != 0 and abs(x) < 10 ** -(digits - 1):
+        return f"{x:.2e}"
+    return f"{x:.{digits}f}"

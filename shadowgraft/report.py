@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ShadowgraftError
 from .metrics import DeltaSums, Sums
 
 
@@ -221,7 +220,9 @@ class Report:
 
     def plot(self, path: str | Path) -> Path:
         """Sigma per layer, one line per module kind (and the T-A vs B-A figures with a tuned model); PNG or SVG."""
-        return _plot(self, Path(path))
+        from .plot import plot
+
+        return plot(self, Path(path))
 
 
 def _json_safe(x):
@@ -235,17 +236,6 @@ def _json_safe(x):
 
 
 # -- rendering ------------------------------------------------------------------
-
-
-def fmt(x: float | None, digits: int = 4) -> str:
-    """Sigma-style numbers: fixed decimals, scientific when tiny, '-' when absent."""
-    if x is None:
-        return "-"
-    if not math.isfinite(x):
-        return str(x)
-    if x != 0 and abs(x) < 10 ** -(digits - 1):
-        return f"{x:.2e}"
-    return f"{x:.{digits}f}"
 
 
 def _pct(x: float) -> str:
@@ -267,7 +257,7 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .display import cell, shown
+    from .display import cell, fmt, shown
 
     if by not in ("layer", "module", "tensor"):
         raise ValueError(f"by must be layer, module or tensor, not {by!r}")
@@ -361,65 +351,3 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def _names(names: list[str], k: int = 4) -> str:
     return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
-
-
-def check_plot(path: str | Path) -> None:
-    """Fail early (before any tensor is read) when ``path`` cannot be plotted to."""
-    if Path(path).suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise ShadowgraftError(f"{path}: a plot file must end in .png, .svg or .pdf")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ShadowgraftError("plotting needs matplotlib; install it with: pip install 'shadowgraft[plot]'") from None
-
-
-def _plot(r: Report, path: Path) -> Path:
-    check_plot(path)
-    from matplotlib.figure import Figure
-
-    tuned = r.tuned is not None and any(g.delta_ratio is not None for g in r.layers)
-    # One panel per tower with blocks: vision block 0 and text layer 0 are different layers.
-    towers = list(dict.fromkeys(g.tower for g in r.layers)) or ["language"]
-    rows = len(towers) + tuned
-    fig = Figure(figsize=(10, 4.5 + 2.5 * (rows - 1)), layout="constrained")
-    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
-    order = [str(g.key) for g in r.modules]
-    for ax, tw in zip(axes, towers):
-        # Per (layer, module kind): the unweighted mean sigma of that kind's tensors.
-        cells: dict[str, dict[int, list[float]]] = {}
-        for x in r.tensors:
-            if x.layer is not None and x.tower == tw and math.isfinite(x.sigma):
-                cells.setdefault(x.module, {}).setdefault(x.layer, []).append(x.sigma)
-        for kind in sorted(cells, key=lambda k: order.index(k) if k in order else len(order)):
-            pts = sorted(cells[kind].items())
-            ax.plot([k for k, _ in pts], [sum(v) / len(v) for _, v in pts], marker=".", linewidth=1, label=kind)
-        lay = [g for g in r.layers if g.tower == tw]
-        if lay:
-            ax.plot([g.key for g in lay], [g.sigma_mean for g in lay], color="black", linewidth=2.5, label="layer mean")
-        ax.axhline(r.summary.close, color="green", linestyle=":", linewidth=1, label=f"close siblings under {r.summary.close:g}")
-        ax.axhline(r.summary.threshold, color="red", linestyle="--", linewidth=1, label=f"diverging over {r.summary.threshold:g}")
-        ax.set_ylabel("sigma = sum|A-B| / (sum|A|+sum|B|)")
-        if len(towers) > 1:
-            ax.set_xlabel(f"{tw} layer")
-        ax.legend(fontsize="small", ncol=2)
-        ax.grid(alpha=0.3)
-    what = " (language model)" if len(towers) > 1 else ""
-    axes[0].set_title(f"{r.a} vs {r.b}: sigma_mean{what} {fmt(r.summary.sigma_mean)}", fontsize="medium")
-    if tuned:
-        lay = [g for g in r.layers if g.delta_ratio is not None and g.tower == towers[0]]
-        ax2 = axes[-1]
-        ax2.plot([g.key for g in lay], [g.delta_ratio for g in lay], marker=".", label="|T-A| / |B-A|")
-        ax2.plot([g.key for g in lay], [g.delta_cosine for g in lay], marker=".", label="cos(T-A, B-A)")
-        ax2.axhline(0, color="gray", linewidth=0.8)
-        ax2.set_ylabel("fine-tuning change vs instruct change")
-        ax2.set_xlabel(f"{towers[0]} layer" if len(towers) > 1 else "layer")
-        ax2.legend(fontsize="small")
-        ax2.grid(alpha=0.3)
-    if len(towers) == 1:
-        axes[-1].set_xlabel("layer")
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.savefig(path)
-    return path

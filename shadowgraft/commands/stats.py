@@ -39,7 +39,7 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
 
     A and B are each a local folder, a .safetensors file, or a Hub id org/name[@revision].
     """
-    from ..report import check_plot
+    from ..plot import check_plot
     from ..compare import stats
 
     if json_out == "-" and csv_out == "-":
