@@ -8,8 +8,7 @@ rule for grafts, training saves and synthetic test models.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from . import fp8
 from .errors import ShadowgraftError
@@ -17,9 +16,8 @@ from .files import SINGLE_NAME
 from .header import DTYPE_BITS
 
 
-@dataclass(frozen=True)
-class Shard:
-    """One output file: its name and its tensors (``plan.Item``s) in write order."""
+class Shard(NamedTuple):
+    """One output file: its name and its tensors (``plan.Item``) in write order."""
 
     file: str
     items: tuple

@@ -128,4 +128,5 @@ def test_weight_names():
     ("model.layers.0.visual.weight", "language"),
 ])
 def test_tower(name, want):
-    assert tower(name) == want
+    got = tower(name)
+    assert got == want, f"{name}: {got}"
