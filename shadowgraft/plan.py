@@ -30,6 +30,14 @@ class LoraTerm:
     b: TensorInfo
     scale: float
     transpose: bool = False  # fan_in_fan_out: the weight is stored (in, out)
+    # PEFT's LoRA on a fused expert parameter (target_parameters) holds
+    # ``experts`` experts in one pair: A's rows [e*r, (e+1)*r) and B's
+    # columns e, e+E, ... are expert e's. ``expert`` picks one for a file that
+    # stores each expert apart (None: the weight is the fused (E, ., .) tensor)
+    # and ``rows`` the rows of its change that tensor holds (gate or up half).
+    experts: int = 1
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
