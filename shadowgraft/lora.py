@@ -45,6 +45,7 @@ from .files import file_problem, pickle_refusal, read_config, regular_file
 from .errors import ShadowgraftError
 from .header import TensorInfo
 from .naming import module_kind
+from . import lora_params
 from .plan import LoraTerm, Plan, items_with, select
 from .prefix import find
 from .record import RECORD_NAME, read_record
@@ -54,6 +55,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 HUB_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
 PREFIX = "base_model.model."
+_BASE_LAYER = ".base_layer"
 MERGE_HINT = ("merge it into base with PEFT (PeftModel.merge_and_unload().save_pretrained(DIR)) "
               "and graft with --base BASE --tuned DIR instead")
 
@@ -67,7 +69,6 @@ _VARIANTS = {
     "use_qalora": "QA-LoRA pools the input groups of a quantized base, so its merge is not W + B @ A",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) only acts after its invocation tokens and cannot be merged",
     "layer_replication": "layer_replication changes the model's layer stack",
-    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts) is not supported here",
     "trainable_token_indices": "trainable_token_indices stores whole new embedding rows learned on base",
     "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported here",
     "arrow_config": "Arrow routing (arrow_config) mixes several adapters per token and cannot be merged",
@@ -91,6 +92,16 @@ class LoraModule:
     alpha: float
     scale: float
     embedding: bool  # lora_embedding_A/B: the change is (B @ A).T
+    # LoRA on raw parameters (target_parameters): the parameters of ``module``
+    # this pair may belong to, resolved against instruct's shapes when planning
+    # (lora_params.py); r, alpha and scale then come from the one that fits.
+    params: tuple[str, ...] = ()
+    depth: int = 0  # how many base_layer wrappers PEFT nested it under
+
+    @property
+    def key(self) -> str:
+        """The module as the adapter's keys name it."""
+        return self.module + ".base_layer" * self.depth
 
 
 @dataclass
@@ -133,6 +144,7 @@ class Adapter:
         c = self.config
         d.update(peft_type=c.get("peft_type"), r=c.get("r"), lora_alpha=c.get("lora_alpha"),
                  use_rslora=bool(c.get("use_rslora", False)), target_modules=c.get("target_modules"),
+                 target_parameters=c.get("target_parameters") or [],
                  rank_pattern=c.get("rank_pattern") or {}, alpha_pattern=c.get("alpha_pattern") or {},
                  fan_in_fan_out=self.fan_in_fan_out, base_model_name_or_path=c.get("base_model_name_or_path"),
                  modules=len(self.modules))
@@ -315,6 +327,17 @@ def _parse_keys(ck: Checkpoint, config: dict, *, source: str) -> tuple[tuple[Lor
     modules = []
     for (module, emb), ab in sorted(parts.items()):
         kind = "lora_embedding_" if emb else "lora_"
+        owner, depth = lora_params.split_key(module)
+        params = () if emb else tuple(lora_params.params_of(config, owner))
+        nested = bool(depth) or (owner + _BASE_LAYER, emb) in parts
+        if nested and not params:
+            raise ShadowgraftError(f"{where}: '{owner}{_BASE_LAYER}' is a nested LoRA layer but {CONFIG_NAME} targets no "
+                                   f"parameter of '{owner}' (target_parameters); the config does not match the weights")
+        if params and lora_params.in_target_modules(config, owner):
+            if nested:
+                raise ShadowgraftError(f"{where}: '{owner}' is adapted both as a module (target_modules) and through its "
+                                       f"parameters (target_parameters), which is not supported here; {MERGE_HINT}")
+            params = ()  # a module target_modules names: a target parameter like "down_proj" matches any name
         if set(ab) != {"A", "B"}:
             have, miss = next(iter(ab)), ({"A", "B"} - set(ab)).pop()
             raise ShadowgraftError(f"{where}: '{module}' has {kind}{have} but no {kind}{miss}; the adapter file is incomplete")
@@ -325,6 +348,10 @@ def _parse_keys(ck: Checkpoint, config: dict, *, source: str) -> tuple[tuple[Lor
         if not (a.is_float and b.is_float):
             raise ShadowgraftError(f"{where}: '{module}' factors are {a.dtype}/{b.dtype}; quantized adapters cannot be grafted, "
                                    "save a float copy with PEFT")
+        if params:
+            # r and alpha depend on which parameter this pair adapts: known once instruct's shapes are.
+            modules.append(LoraModule(owner, a, b, 0, 0.0, 0.0, False, params=params, depth=depth))
+            continue
         r, alpha, scale = module_scale(config, module)
         if a.shape[0] != r or b.shape[1] != r:
             raise ShadowgraftError(f"{where}: '{module}' factors have rank {a.shape[0]}/{b.shape[1]} but {CONFIG_NAME} gives r={r} "
@@ -370,12 +397,39 @@ def plan_adapter(
     # transformer.h.0 for a checkpoint saying h.0, a text-only CausalLM's
     # model.layers.0 for a multimodal instruct's language_model.model.layers.0.
     # One prefix rule must pair them all (prefix.find), as transformers does.
+    probes = [lora_params.probe(m, ins.tensors) for m in ad.modules]
     try:
-        rule = find([f"{m.module}.weight" for m in ad.modules], ins.tensors, what="the adapter", onto="instruct")
+        rule = find([p for p in probes if p], ins.tensors, what="the adapter", onto="instruct")
     except ShadowgraftError as e:
         raise ShadowgraftError(f"adapter {ad.source}: {e}") from None
-    for mod in ad.modules:
-        target = rule(f"{mod.module}.weight") if rule else f"{mod.module}.weight"
+    rename = rule or (lambda n: n)
+    claimed: dict[tuple[str, str], str] = {}  # (module, parameter) -> the wrapper key that took it
+    for mod, probe in zip(ad.modules, probes):
+        if mod.params:
+            got = lora_params.resolve(ins.tensors, rename, mod, lambda key: module_scale(ad.config, key), model_type, claimed)
+            if isinstance(got, str) and not mod.depth and rename(f"{mod.module}.weight") in ins:
+                # target_modules did not say (an unresolved "all-linear"): a module weight that fits is a module.
+                r, alpha_m, scale = module_scale(ad.config, mod.module)
+                if mod.a.shape[0] != r or mod.b.shape[1] != r:
+                    problems.append(f"'{mod.module}' factors have rank {mod.a.shape[0]}/{mod.b.shape[1]} but {CONFIG_NAME} gives r={r}")
+                    continue
+                mod = LoraModule(mod.module, mod.a, mod.b, r, alpha_m, scale, False)
+            elif isinstance(got, str):
+                problems.append(got)
+                continue
+            else:
+                if rename(probe or mod.module) != (probe or mod.module):
+                    renamed.append(f"{mod.key} -> {rename(mod.module)}")
+                for target, term in got.terms:
+                    if target in terms or not ins[target].is_float:
+                        problems.append(f"'{target}' takes two adapter terms" if target in terms else
+                                        f"'{target}' is {ins[target].dtype} in instruct, which cannot be grafted")
+                    elif pick(target):
+                        terms[target] = term
+                    else:
+                        skipped.append(target)
+                continue
+        target = rename(f"{mod.module}.weight")
         if target not in ins:
             problems.append(_no_target(ins, mod))
             continue

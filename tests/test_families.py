@@ -148,57 +148,87 @@ def test_stats_headline_is_the_language_models_blocks(name, zoo):
         assert "tower" in r.to_csv().splitlines()[0].split(",")
 
 
-def _peft_adapter(fam, trio, folder):
-    """A PEFT LoRA (r=4, all linear layers but lm_head, as PEFT resolves them) on base's language model."""
+def _peft_adapter(fam, trio, folder, target_modules=None, **kw):
+    """A PEFT LoRA (r=4) on base's language model: all its Linear / Conv1D modules but lm_head, named one by one,
+    or ``target_modules`` as given ("all-linear"); ``kw`` goes to LoraConfig."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     lm = text_model(fam, trio["base"], dtype=torch.float32)
-    # "all-linear" as PEFT resolves it: its Linear / Conv1D modules. On MoE models PEFT 0.21 adds the fused
-    # expert parameters (target_parameters), which apply refuses (tests/test_lora.py); this names the modules.
     from transformers.pytorch_utils import Conv1D
 
-    # Full module names: a suffix like down_proj would also pull in the experts' down_proj parameter.
+    # Full module names: a suffix like down_proj would also pull in the experts' down_proj parameter. PEFT 0.21
+    # still adds the fused expert parameters (target_parameters) on DeepSeek-V3, for its dense mlp.gate_proj.
     names = sorted(n for n, m in lm.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and "lm_head" not in n)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=names, init_lora_weights=False)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules or names, init_lora_weights=False,
+                          **kw)
     model = peft.get_peft_model(lm, cfg)
     model.save_pretrained(folder)
     return folder
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_adapter_matches_peft_merge(name, zoo, tmp_path, one_torch_thread):
+def _saved(model, folder) -> dict[str, torch.Tensor]:
+    model.save_pretrained(folder)
+    return load(folder)
+
+
+def _check_adapter(name, trio, ad, tmp_path):
+    """apply --adapter against PEFT's own merge in float64, both saved by transformers and compared by file name.
+
+    transformers writes fused experts back as the files' per-expert tensors, so a LoRA on a fused expert
+    parameter is checked on exactly the tensors apply wrote.
+    """
     peft = pytest.importorskip("peft")
-    fam, trio = FAMILIES[name], zoo(name)
-    ad = _peft_adapter(fam, trio, tmp_path / "lora")
-    if json.loads((ad / "adapter_config.json").read_text()).get("target_parameters"):
-        # PEFT 0.21 on DeepSeek-V3 as transformers 5 loads it adds LoRA on the fused expert parameters
-        # whatever target_modules says; such adapters are refused, with the exact way out.
-        with pytest.raises(ShadowgraftError, match=r"target_parameters is set: .*PeftModel\.merge_and_unload"):
-            shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / "out")
-        pytest.xfail("LoRA on fused expert parameters (PEFT target_parameters) is not grafted yet")
+    fam = FAMILIES[name]
     res = shadowgraft.apply(instruct=trio["instruct"], adapter=ad, output=tmp_path / "out")
     assert res.plan.grafted
     _loads_cleanly(fam, tmp_path / "out")
-    # PEFT's own merge on instruct's language model, in float64, against ours read the same way.
     merged = peft.PeftModel.from_pretrained(text_model(fam, trio["instruct"], dtype=torch.float64), ad).merge_and_unload()
-    ours = text_model(fam, tmp_path / "out").state_dict()  # bf16, as written
-    before = text_model(fam, trio["instruct"], dtype=torch.float64).state_dict()
-    changed = 0
-    for n, ref in merged.state_dict().items():
+    merged = _saved(merged, tmp_path / "merged")
+    ours = _saved(text_model(fam, tmp_path / "out"), tmp_path / "ours")
+    # bf16 as written: DeepSeek-V3 keeps its router in fp32 once loaded (exactly the bf16 values, so this cast is too).
+    ours = {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in ours.items()}
+    before = _saved(text_model(fam, trio["instruct"], dtype=torch.float64), tmp_path / "before")
+    assert set(ours) == set(merged) == set(before)
+    changed = set()
+    for n, ref in merged.items():
+        # float64 but DeepSeek-V3's router, which transformers keeps in fp32 whatever dtype it loads in.
+        ref, before[n] = ref.double(), before[n].double()
         if torch.equal(ref, before[n]):
             assert torch.equal(ours[n].double(), before[n]), n
             continue
-        changed += 1
+        changed.add(n)
         # Rounded once from fp32 work: 99% bit-exact against the exact merge; the rest within one bf16 step, or
         # within fp32's error on the LoRA term where instruct and the term cancel.
         d = ulp_distance(ours[n], ref)
         assert float((d == 0).double().mean()) >= 0.99, n
         torch.testing.assert_close(ours[n].double(), ref, rtol=2**-7, atol=1e-6 * float((ref - before[n]).abs().max()), msg=n)
-    assert changed == len(res.plan.grafted)
+    assert len(changed) == len(res.plan.grafted)
+    return res, changed
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapter_matches_peft_merge(name, zoo, tmp_path, one_torch_thread):
+    fam, trio = FAMILIES[name], zoo(name)
+    res, _ = _check_adapter(name, trio, _peft_adapter(fam, trio, tmp_path / "lora"), tmp_path)
     record = json.loads((tmp_path / "out" / "shadowgraft.json").read_text())
     if fam.multimodal and name != "qwen2.5-vl":
         assert record["renamed"] == {"adapter": {"from": "", "to": "language_model."}}
         assert all(n.startswith("language_model.") for n in res.plan.grafted)
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral", "deepseek-v3"])
+def test_all_linear_adapter_on_fused_experts(name, zoo, tmp_path, one_torch_thread):
+    # "all-linear" on a transformers 5 MoE: PEFT puts LoRA on the fused expert parameters and the router weight
+    # (target_parameters); each expert's change lands on its own gate/up/down (Mixtral: w1/w3/w2) file tensor.
+    fam, trio = FAMILIES[name], zoo(name)
+    ad = _peft_adapter(fam, trio, tmp_path / "lora", target_modules="all-linear")
+    config = json.loads((ad / "adapter_config.json").read_text())
+    assert {"gate_up_proj", "down_proj", "gate.weight"} <= set(config["target_parameters"])
+    res, changed = _check_adapter(name, trio, ad, tmp_path)
+    moe = "block_sparse_moe" if name == "mixtral" else "mlp"
+    parts = ("w1", "w3", "w2") if name == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    want = {f"model.layers.1.{moe}.experts.{e}.{p}.weight" for e in range(4) for p in parts} | {f"model.layers.1.{moe}.gate.weight"}
+    assert want <= changed
 
 
 @pytest.mark.parametrize("name", MULTIMODAL)
@@ -249,3 +279,13 @@ def test_partial_text_only_tune_is_refused(zoo, text_tuned, tmp_path):
                                                r"model\.layers\.0\.mlp\.extra_proj\.weight"):
         shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=cut, output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_on_experts_stored_fused(zoo, tmp_path, one_torch_thread):
+    # Llama 4 files hold the fused (E, ., .) expert tensors themselves: the change goes on as PEFT adds it,
+    # expert e taking B's columns e, e+E, ... and A's rows [e*r, (e+1)*r).
+    fam, trio = FAMILIES["llama4-text"], zoo("llama4-text")
+    ad = _peft_adapter(fam, trio, tmp_path / "lora", target_parameters=["feed_forward.experts.gate_up_proj",
+                                                                          "feed_forward.experts.down_proj"])
+    _, changed = _check_adapter("llama4-text", trio, ad, tmp_path)
+    assert {"model.layers.1.feed_forward.experts.gate_up_proj", "model.layers.1.feed_forward.experts.down_proj"} <= changed
