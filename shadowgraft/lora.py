@@ -404,6 +404,7 @@ def plan_adapter(
         raise ShadowgraftError(f"adapter {ad.source}: {e}") from None
     rename = rule or (lambda n: n)
     claimed: dict[tuple[str, str], str] = {}  # (module, parameter) -> the wrapper key that took it
+    spread: list[str] = []  # instruct tensors that take part of a parameter LoRA
     for mod, probe in zip(ad.modules, probes):
         if mod.params:
             got = lora_params.resolve(ins.tensors, rename, mod, lambda key: module_scale(ad.config, key), model_type, claimed)
@@ -426,6 +427,7 @@ def plan_adapter(
                                         f"'{target}' is {ins[target].dtype} in instruct, which cannot be grafted")
                     elif pick(target):
                         terms[target] = term
+                        spread.append(target)
                     else:
                         skipped.append(target)
                 continue
@@ -476,8 +478,14 @@ def plan_adapter(
     if ad.frozen_copies:
         warnings.append(f"the adapter also stores full copies of {_names(list(ad.frozen_copies))} (PEFT save_embedding_layers); "
                         "they are base's frozen weights and are not grafted")
+    notes = []
+    if claimed:
+        kinds = sorted({f"{m.rpartition('.')[2]}.{p}" for m, p in claimed})
+        notes.append(f"LoRA on {len(claimed)} parameter(s) ({', '.join(kinds)}; target_parameters) is grafted onto {len(spread)} "
+                     f"instruct tensor(s), a fused expert parameter onto each expert's own: {_names(sorted(spread))}")
     items = items_with(ins, dtype, terms, alpha=alpha, alpha_for=alpha_for)
-    return Plan(tuple(plan_shards(ins, items, max_shard_size)), alpha, scope, tuple(warnings), alpha_for=tuple(alpha_for),
+    return Plan(tuple(plan_shards(ins, items, max_shard_size)), alpha, scope, tuple(warnings), tuple(notes),
+                alpha_for=tuple(alpha_for),
                 renames=(("adapter", rule),) if rule else ())
 
 

@@ -114,6 +114,9 @@ def test_fused_expert_lora_onto_per_expert_tensors(tmp_path, style, dtype, gate_
     ins_dir, ad, ins, ref = _per_expert_case(tmp_path, style=style, dtype=dtype, gate_up_deeper=gate_up_deeper)
     res = shadowgraft.apply(instruct=ins_dir, adapter=ad, output=tmp_path / "out", scope="all")
     assert len(res.plan.grafted) == 3 * E + 1
+    assert res.plan.notes == (f"LoRA on 3 parameter(s) (experts.down_proj, experts.gate_up_proj, gate.weight; target_parameters) "
+                              f"is grafted onto {3 * E + 1} instruct tensor(s), a fused expert parameter onto each expert's own: "
+                              f"{', '.join(sorted(ref)[:3])}, ...",)
     _check(tmp_path / "out", ins, ref)
 
 
