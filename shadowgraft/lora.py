@@ -422,7 +422,7 @@ def plan_adapter(
                 if rename(probe or mod.module) != (probe or mod.module):
                     renamed.append(f"{mod.key} -> {rename(mod.module)}")
                 for target, term in got.terms:
-                    if target in terms or not ins[target].is_float:
+                    if target in terms or not (ins[target].is_float or target in quant):
                         problems.append(f"'{target}' takes two adapter terms" if target in terms else
                                         f"'{target}' is {ins[target].dtype} in instruct, which cannot be grafted")
                     elif pick(target):

@@ -200,3 +200,37 @@ def test_cuda_expert_lora_matches_cpu_byte_for_byte(tmp_path, style):
         shadowgraft.apply(instruct=ins_dir, adapter=ad, output=tmp_path / device, scope="all", device=device)
     _check(tmp_path / "cuda", ins, ref)
     assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == (tmp_path / "cuda" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_expert_lora_onto_fp8_block_quantized_experts(tmp_path, dtype):
+    # DeepSeek-V3 as published: every expert an F8_E4M3 weight with 128x128 block scales. An expert tensor of
+    # 130 rows spans two row blocks; each expert's change is added to its dequantized values.
+    import numpy as np
+
+    from .test_fp8 import codes_of, deq, fp8_tensors, ref_quantize, write
+
+    e_n, inter, hidden = 3, 130, 96
+    rng = np.random.default_rng(0)
+    ins = {}
+    for e in range(e_n):
+        for part, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+            ins.update(fp8_tensors(rng.normal(0, 0.02, shape), f"model.layers.0.mlp.experts.{e}.{part}.weight"))
+    ins_dir = write(tmp_path / "instruct", ins, quantized=True)
+    gu, dn = _factors(e_n, R_GU, 2 * inter, hidden, 7), _factors(e_n, R, hidden, inter, 8)
+    ad = _adapter(tmp_path / "lora", {"model.layers.0.mlp.experts.base_layer.lora_A.weight": gu[0],
+                                      "model.layers.0.mlp.experts.base_layer.lora_B.weight": gu[1],
+                                      "model.layers.0.mlp.experts.lora_A.weight": dn[0],
+                                      "model.layers.0.mlp.experts.lora_B.weight": dn[1]})
+    shadowgraft.apply(instruct=ins_dir, adapter=ad, output=tmp_path / "out", dtype=dtype)
+    got = load(tmp_path / "out")
+    d_gu, d_dn = _delta(*gu, e_n, 8 / R_GU).numpy(), _delta(*dn, e_n, 4 / R).numpy()
+    for e in range(e_n):
+        for part, d in (("gate_proj", d_gu[e, :inter]), ("up_proj", d_gu[e, inter:]), ("down_proj", d_dn[e])):
+            name = f"model.layers.0.mlp.experts.{e}.{part}.weight"
+            ref = deq(ins, name) + d
+            if dtype == "auto":
+                codes, scales = ref_quantize(ref)
+                assert np.array_equal(codes_of(got[name]), codes) and np.array_equal(got[name + "_scale_inv"].numpy(), scales)
+            else:
+                assert_exact(got[name], torch.from_numpy(ref))
