@@ -189,7 +189,8 @@ def _plan_jobs(stack: ExitStack, ins: Checkpoint, output: Path, *, base, delta, 
             jobs.append(Job(plan_for(a), outdir, inputs, f"{label} alpha {a!r}" if len(alphas) > 1 else label))
 
     if adapter is not None:
-        from .lora import open_adapter, plan_adapter
+        from .adapter import open_adapter
+        from .lora import plan_adapter
 
         ad = stack.enter_context(open_adapter(adapter))
         add(output, {"instruct": ins, "adapter": ad}, lambda a: plan_adapter(ins, ad, alpha=a, **kw), "output")

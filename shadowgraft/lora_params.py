@@ -45,7 +45,7 @@ _BASE = ".base_layer"
 
 
 class Wrapped(Protocol):
-    """What is read here of an adapter module (lora.LoraModule)."""
+    """What is read here of an adapter module (adapter.LoraModule)."""
 
     module: str  # the module owning the parameters, base_layer stripped
     params: tuple[str, ...]  # the targeted parameters it may adapt

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import shadowgraft
 from shadowgraft import ShadowgraftError
-from shadowgraft.lora import module_scale, open_adapter, pattern_key
+from shadowgraft.adapter import module_scale, open_adapter, pattern_key
 from shadowgraft.synthetic import Shape, gpt2_tensors, make_trio
 
 from .conftest import assert_exact, load, run_cli

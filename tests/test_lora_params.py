@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 import shadowgraft
 from shadowgraft import Checkpoint, ShadowgraftError
 from shadowgraft.engine import Engine
-from shadowgraft.lora import open_adapter, plan_adapter
+from shadowgraft.adapter import open_adapter
+from shadowgraft.lora import plan_adapter
 from shadowgraft.lora_params import params_of, split_key
 
 from .conftest import assert_exact, load, run_cli
