@@ -126,7 +126,10 @@ def combine(ds: list[torch.Tensor], mix: Mix, out: torch.Tensor, scratch: torch.
         _add_weighted(out, d.mul_(agree), w, scratch)
         weight_sum.add_(agree, alpha=w)
     # Where nothing agrees out is 0, and 0 / tiny stays 0.
-    return out.div_(weight_sum.clamp_min_(torch.finfo(out.dtype).tiny))
+    out.div_(weight_sum.clamp_min_(torch.finfo(out.dtype).tiny))
+    # A NaN delta makes its vote NaN, which nothing equals: without this the
+    # element would silently become 0 instead of being counted as NaN.
+    return out.masked_fill_(votes.isnan(), math.nan)
 
 
 def _add_weighted(acc: torch.Tensor, d: torch.Tensor, w: float, scratch: torch.Tensor) -> None:

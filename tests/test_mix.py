@@ -238,3 +238,12 @@ def test_cli_bad_mix_values_are_usage_errors(tmp_path, skills, capsys, args, msg
                              "--tuned", tuned[1], "--combine", "ties", *args, "-o", tmp_path / "o")
     assert code == 2 and msg in " ".join(err.split())
     assert not (tmp_path / "o").exists()
+
+
+def test_ties_keeps_a_nan_delta_visible():
+    from shadowgraft.mix import combine
+
+    ds = [torch.tensor([1.0, float("nan"), -2.0]), torch.tensor([1.0, 1.0, 3.0])]
+    buf = lambda: torch.empty(3)  # noqa: E731
+    out = combine([d.clone() for d in ds], Mix("ties", (1.0, 1.0)), buf(), buf(), buf(), buf())
+    assert out[0] == 1.0 and out[1].isnan() and out[2] == 3.0
