@@ -6,15 +6,18 @@ is upcast into reused work buffers, combined in place, rounded once to the
 output dtype and written straight to the shard. Untouched tensors never
 enter Python: their byte ranges are copied by the kernel.
 
-Three stages overlap, each on its own thread, joined by small bounded
-queues: reading chunk k+1, computing chunk k, writing chunk k-1. The GIL is
-released in every syscall and torch kernel, so the stages really run at
-once; on CUDA the compute stage uploads from pinned buffers and downloads
-into pinned buffers, and the writer waits on an event before writing.
+Three stages overlap, joined by small bounded queues: one thread reads
+chunks ahead, compute workers (one per core on the CPU) each take the next
+read chunk, and one thread writes the computed chunks in file order. The GIL
+is released in every syscall and torch kernel, and the common graft runs as
+one TorchScript call (``fused.py``), so the stages really run at once; on
+CUDA one compute stage uploads from pinned buffers and downloads into pinned
+buffers, and the writer waits on an event before writing.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from contextlib import nullcontext
@@ -26,7 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import fp8
+from . import fp8, fused
 from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
 from .errors import ShadowgraftError
@@ -39,7 +42,11 @@ from .writer import shard_header
 
 # Buffer sets in flight between stages: one being filled, one being
 # computed, one being written. More does not help on a warm page cache.
+# Each extra compute worker adds two: the chunk it computes, and one done
+# early that waits for an earlier chunk to be written first.
 DEPTH = 3
+# Compute workers at most: memory bandwidth, not cores, limits beyond this.
+MAX_WORKERS = 8
 
 
 @dataclass
@@ -72,6 +79,8 @@ class _Op:
     outs: list[torch.Tensor] = field(default_factory=list)
     slot: int = 0
     event: object = None
+    seq: int = 0  # position in the output files: the writer writes in this order
+    bad: list = field(default_factory=list)  # chunk: NaN/Inf written, per output (int or a CUDA scalar)
 
 
 def _key(info: TensorInfo) -> tuple:
@@ -103,7 +112,7 @@ class Engine:
     """
 
     def __init__(self, checkpoints: list[Checkpoint], *, device: str = "cpu", chunk: int = CHUNK,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, workers: int | None = None):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.reader = Reader(checkpoints, device=self.device, chunk=chunk, pinned=self.cuda)
@@ -114,12 +123,14 @@ class Engine:
         self._lora_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # ((term, dtype), left, right)
         self._lora_experts: dict[tuple, torch.Tensor] = {}  # (B, rows, ...) -> (E, rows, r): per-expert weights' B columns
         self._thresholds: dict[tuple, float] = {}  # TIES: (item inputs, term) -> k-th largest |d| of the tensor
-        self._bad: list = []
         # Requantized FP8 grafts: (output, scale name) -> the new scales, filled
         # band by band by the compute stage and written by the writer stage
         # at the scale tensor's offset, _holes[output][name], once complete.
         self._qscales: dict[tuple[int, str], torch.Tensor] = {}
         self._holes: list[dict[str, int]] = []
+        self._local = threading.local()  # per compute worker: ``_bad``
+        self._tensor_bad: list = []  # NaN/Inf of the tensor being written, per output (writer thread)
+        self.workers = workers  # compute workers; None: default_workers()
         if self.cuda:
             self._stream = torch.cuda.Stream(self.device)
 
@@ -182,20 +193,56 @@ class Engine:
                     op.inputs[key] = r.load(f"in{len(op.inputs)}@{slot}", scale, *fp8.scale_span(info.shape, op.start, op.n))
         self.stats.bytes_read += sum(x.numel() * x.element_size() for x in op.inputs.values())
 
+    @property
+    def _bad(self) -> list:
+        """The NaN/Inf counts of the chunk this compute worker is computing, one per output (``op.bad``)."""
+        return self._local.bad
+
     def _compute(self, op: _Op) -> None:
+        # Counted per chunk, not per tensor: workers finish chunks out of
+        # order, so the writer adds them up in file order (_account).
+        self._local.bad = op.bad = [0] * len(op.items)
         changes: dict[tuple, torch.Tensor] = {}  # outputs with the same change compute it once
-        op.outs = [self._compute_one(op, j, it, changes) for j, it in enumerate(op.items)]
+        op.outs = [self._fused(op, j, it) if self._fusable(it) else self._compute_one(op, j, it, changes)
+                   for j, it in enumerate(op.items)]
+        if op.last:
+            # TIES runs with one compute worker (see _pipeline), so no later
+            # tensor's threshold has been computed yet.
+            self._thresholds.clear()
+
+    def _fusable(self, it: Item) -> bool:
+        """The plain graft ``fused.py`` computes: one term, no mix, no LoRA, 16/32-bit floats, on the CPU."""
+        return (not self.cuda and it.action == "graft" and len(it.terms) == 1 and it.mix is None
+                and it.lora is None and not it.fp8 and it.dtype in fused.DTYPES
+                and all(i.dtype in fused.DTYPES for i in it.inputs))
+
+    def _fused(self, op: _Op, j: int, it: Item) -> torch.Tensor:
+        """``_compute_one`` for a plain graft, as one TorchScript call: the same operations, the same bits."""
+        r, m = self.reader, op.n
+        host_out = r.raw(f"out.{j}@{op.slot}", m * (DTYPE_BITS[it.dtype] // 8)).view(torch_dtype(it.dtype))
+        wd = torch.float64 if wants_float64(it) else torch.float32
+        base = self._in(op, it.base) if it.base is not None else None
+        check = fused.graft_kernel()(self._in(op, it.src), base, self._in(op, it.terms[0]), float(it.alpha), host_out,
+                                     r.work("fused", 3 * m, wd).view(3, m),
+                                     wd == torch.float32 and it.dtype in ("BF16", "F32"))
+        if m and not math.isfinite(float(check)):
+            self._bad[j] += int((~torch.isfinite(host_out)).sum())
+        return host_out
+
+    def _account(self, op: _Op) -> None:
+        """Add a written chunk's NaN/Inf to its tensor's; count the tensor in each output's Stats after its last chunk."""
+        for j, bad in enumerate(op.bad):
+            # A CUDA count is a device scalar; the writer has waited for its chunk already.
+            self._tensor_bad[j] += int(bad)
         if op.last:
             for j, (it, st) in enumerate(zip(op.items, self._outs)):
-                bad = int(self._bad[j])
-                if bad:
-                    st.nonfinite[it.name] = bad
+                if self._tensor_bad[j]:
+                    st.nonfinite[it.name] = self._tensor_bad[j]
                 if it.action == "cast":
                     st.cast += 1
                 else:
                     st.grafted += 1
-            self._bad = [0] * len(op.items)
-            self._thresholds.clear()
+            self._tensor_bad = [0] * len(op.items)
 
     def _compute_one(self, op: _Op, j: int, it: Item, changes: dict) -> torch.Tensor:
         r, m = self.reader, op.n
@@ -233,7 +280,8 @@ class Engine:
             # Counted on the rounded values, so overflow to Inf counts too. One
             # reduction is far cheaper than isfinite() on every chunk; only a
             # non-finite sum triggers the exact count.
-            if m and host_out.is_floating_point() and not math.isfinite(float(host_out.sum(dtype=torch.float64))):
+            # fp32 is exact enough: a finite sum that overflows only costs an exact count.
+            if m and host_out.is_floating_point() and not math.isfinite(float(host_out.sum(dtype=torch.float32))):
                 self._bad[j] += int((~torch.isfinite(host_out)).sum())
         return host_out
 
@@ -252,8 +300,8 @@ class Engine:
         """Quantize one grafted band back to FP8 and keep its new scale row for the scale tensor."""
         scale_info = dict(it.fp8)[it.src]
         key = (j, scale_info.name)
-        if key not in self._qscales:
-            self._qscales[key] = torch.empty(scale_info.shape, dtype=torch.float32)
+        # setdefault, one atomic step: two compute workers may start bands of one tensor at once.
+        scales = self._qscales.setdefault(key, torch.empty(scale_info.shape, dtype=torch.float32))
         if op.n:
             out = self.reader.work(f"out.{j}", op.n, torch.float8_e4m3fn) if self.cuda else host_out
             row = self.reader.work("qscale", scale_info.shape[-1], torch.float32)
@@ -261,7 +309,7 @@ class Engine:
             # Counted before quantizing: a NaN or Inf poisons its whole block's scale.
             if not math.isfinite(float(res.sum())):
                 self._bad[j] = self._bad[j] + int((~torch.isfinite(res)).sum())
-            self._qscales[key][op.start // fp8.band(it.src.shape)].copy_(row)
+            scales[op.start // fp8.band(it.src.shape)].copy_(row)
             if self.cuda:
                 host_out.copy_(out)  # synchronous: the scale row came back the same way
         return host_out
@@ -322,7 +370,6 @@ class Engine:
             src = self.reader.fd(op.first)
             for fd in fds:
                 copy_range(src, op.first.start, fd, op.nbytes, op.first)
-            self.stats.bytes_read += op.nbytes
             n = op.nbytes
         elif op.kind == "hole":
             # The scales of a requantized graft that comes later in this file.
@@ -360,24 +407,34 @@ class Engine:
         if any([i.name for i in s.items] != [i.name for i in shards[0].items] for s in shards):
             raise ValueError("write_shards needs shards with the same layout")
         self._outs = list(stats) if stats is not None else [self.stats] + [Stats() for _ in shards[1:]]
-        self._bad = [0] * len(shards)
+        self._tensor_bad = [0] * len(shards)
         self._holes = [_holes(shard) for shard in shards]
         fds: list[int] = []
         try:
             for shard, path in zip(shards, paths):
                 fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
                 _write_all(fds[-1], shard_header(shard))
-            self._pipeline(self._ops(shards), fds)
+            self._pipeline(self._ops(shards), fds, self._workers(shards))
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _pipeline(self, ops: Iterator[_Op], fds: list[int]) -> None:
+    def _workers(self, shards: list[Shard]) -> int:
+        """Compute workers for these shards: one on CUDA (one stream does the work) and for TIES, whose
+        per-tensor threshold is computed and dropped by the compute stage in tensor order; else one per core."""
+        if self.cuda or any(it.mix is not None and it.mix.trims for s in shards for it in s.items):
+            return 1
+        return self.workers or default_workers()
+
+    def _pipeline(self, ops: Iterator[_Op], fds: list[int], workers: int = 1) -> None:
+        """Read ahead on one thread, compute on ``workers`` (this thread is one), write in order on one."""
+        depth = DEPTH + 2 * (workers - 1)
         free: queue.Queue[int] = queue.Queue()
-        for s in range(DEPTH):
+        for s in range(depth):
             free.put(s)
-        to_compute: queue.Queue = queue.Queue(DEPTH)
-        to_write: queue.Queue = queue.Queue(DEPTH)
+        to_compute: queue.Queue = queue.Queue(depth)
+        # Unbounded, but every chunk in it holds one of the ``depth`` slots.
+        to_write: queue.Queue = queue.Queue()
         stop = threading.Event()
         errors: list[BaseException] = []
 
@@ -398,79 +455,107 @@ class Engine:
                     continue
             return None
 
+        def guarded(stage: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    stage()
+                except BaseException as e:  # handed to the caller's thread
+                    errors.append(e)
+                    stop.set()
+            return run
+
         def reader() -> None:
-            try:
-                for op in ops:
-                    if op.kind == "chunk":
-                        slot = get(free)
-                        if slot is None:
-                            return
-                        op.slot = slot
-                        self._read(op)
-                    if not put(to_compute, op):
+            for seq, op in enumerate(ops):
+                op.seq = seq
+                if op.kind == "chunk":
+                    slot = get(free)
+                    if slot is None:
                         return
-                put(to_compute, None)
-            except BaseException as e:  # handed to the caller's thread
-                errors.append(e)
-                stop.set()
+                    op.slot = slot
+                    self._read(op)
+                elif op.kind == "copy":
+                    # Counted here, so that only this thread adds to bytes_read.
+                    self.stats.bytes_read += op.nbytes
+                if not put(to_compute, op):
+                    return
+            for _ in range(workers):
+                put(to_compute, _END)
 
-        def writer() -> None:
-            try:
-                while True:
-                    op = get(to_write)
-                    if op is None:
-                        return
-                    if op is _DONE:
-                        return
-                    self._write(op, fds)
-                    if op.kind == "chunk":
-                        free.put(op.slot)
-            except BaseException as e:
-                errors.append(e)
-                stop.set()
-
-        threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
-        # The reader and writer threads each keep a core busy with copies;
-        # more intra-op threads than the cores left only contend with them.
-        saved = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) - 2)))
-        for t in threads:
-            t.start()
-        try:
-            stream = torch.cuda.stream(self._stream) if self.cuda else nullcontext()
-            with stream:
+        def compute() -> None:
+            with torch.cuda.stream(self._stream) if self.cuda else nullcontext():
                 while True:
                     op = get(to_compute)
-                    if op is None:
-                        break
+                    if op is None or op is _END:
+                        return
                     if op.kind == "chunk":
                         self._compute(op)
                     if not put(to_write, op):
-                        break
+                        return
+
+        def writer() -> None:
+            # Workers finish chunks out of order; they are written in file order.
+            done: dict[int, _Op] = {}
+            nxt = 0
+            while True:
+                op = get(to_write)
+                if op is None or op is _DONE:
+                    return
+                done[op.seq] = op
+                while nxt in done:
+                    op = done.pop(nxt)
+                    nxt += 1
+                    self._write(op, fds)
+                    if op.kind == "chunk":
+                        self._account(op)
+                        free.put(op.slot)
+
+        threads = [threading.Thread(target=guarded(f), daemon=True) for f in (reader, writer)]
+        extra = [threading.Thread(target=guarded(compute), daemon=True) for _ in range(workers - 1)]
+        saved = torch.get_num_threads()
+        # Parallel chunks scale with the cores where torch's own per-op
+        # threads sync every few microseconds on chunk-sized ops, so each
+        # worker runs its ops on one thread. A single worker (CUDA, TIES)
+        # may use the cores the reader and writer threads leave.
+        torch.set_num_threads(1 if workers > 1 else max(1, min(4, (os.cpu_count() or 1) - 2)))
+        # The objects alive now (torch's modules: ~170K) are kept out of the
+        # collector's full passes while chunks stream; one such pass took
+        # 80 ms, a tenth of a 1 GB graft, holding the GIL every stage needs.
+        froze = gc.get_freeze_count() == 0
+        if froze:
+            gc.freeze()
+        for t in threads + extra:
+            t.start()
+        try:
+            compute()
+            for t in extra:
+                t.join()
             put(to_write, _DONE)
         except BaseException:
             stop.set()
             raise
         finally:
-            for t in threads:
+            for t in threads + extra:
                 t.join() if not stop.is_set() else t.join(timeout=5)
             stop.set()
             torch.set_num_threads(saved)
+            if froze:
+                gc.unfreeze()
         if errors:
             raise errors[0]
 
     def _lora_rows(self, it: Item, start: int, n: int, wd: torch.dtype) -> torch.Tensor:
         """``scale * (B @ A)`` for the weight's flat elements ``[start, start+n)`` (whole rows)."""
         lo: LoraTerm = it.lora
-        if self._lora_cache is None or self._lora_cache[0] != (lo, wd):
+        cache = self._lora_cache  # one reference: another worker may swap the cache meanwhile
+        if cache is None or cache[0] != (lo, wd):
             # The factors are small (r x in, out x r): read them once per
             # tensor, upcast, fold the scale into B, and lay them out as
             # (groups, rows, r) @ (groups, r, cols) so each row block is a
             # matmul per group into a reused buffer. A group is one expert of
             # a fused (E, ., .) weight; every other weight is one group.
             left, right = self._lora_factors(lo, wd)
-            self._lora_cache = ((lo, wd), left, right)
-        _, left, right = self._lora_cache
+            cache = self._lora_cache = ((lo, wd), left, right)
+        _, left, right = cache
         rows, cols = left.shape[1], right.shape[2]
         r0, r1 = start // cols, (start + n) // cols
         out = self.reader.work("lora", n, wd).view(r1 - r0, cols)
@@ -519,7 +604,13 @@ class Engine:
         return x.to(self.device, wd, copy=True).view(info.shape)
 
 
-_DONE = object()
+_DONE = object()  # to the writer: every op has been computed
+_END = object()  # to a compute worker: no more ops
+
+
+def default_workers() -> int:
+    """Compute workers on the CPU: torch's thread count (the cores it may use), at most ``MAX_WORKERS``."""
+    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
 
 
 def _add_scaled(acc: torch.Tensor, x: torch.Tensor, alpha: float, scratch: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ buffers are reused chunk after chunk, so there is no allocation per chunk.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterator
 
 import torch
@@ -40,8 +41,12 @@ class Reader:
         self.pinned = pinned
         self.device = torch.device(device)
         self.chunk = chunk
-        self._raw: dict[str, torch.Tensor] = {}
-        self._work: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        # Buffers belong to the thread that asked for them: threads using the
+        # same role names (the engine's compute workers) never share one.
+        self._local = threading.local()
+
+    def _buffers(self, kind: str) -> dict:
+        return self._local.__dict__.setdefault(kind, {})
 
     def spans(self, info: TensorInfo, chunk: int | None = None) -> Iterator[tuple[int, int]]:
         """``(start, count)`` element ranges covering ``info`` in chunks."""
@@ -50,17 +55,19 @@ class Reader:
             yield s, min(step, n - s)
 
     def raw(self, role: str, nbytes: int) -> torch.Tensor:
-        """A reused host byte buffer of at least ``nbytes`` for ``role``."""
-        buf = self._raw.get(role)
+        """A reused host byte buffer of at least ``nbytes`` for ``role`` (this thread's)."""
+        raw = self._buffers("raw")
+        buf = raw.get(role)
         if buf is None or buf.numel() < nbytes:
-            buf = self._raw[role] = torch.empty(max(nbytes, 8), dtype=torch.uint8, pin_memory=self.pinned)
+            buf = raw[role] = torch.empty(max(nbytes, 8), dtype=torch.uint8, pin_memory=self.pinned)
         return buf[:nbytes]
 
     def work(self, role: str, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """A reused compute buffer of ``n`` elements on the device."""
-        buf = self._work.get((role, dtype))
+        """A reused compute buffer of ``n`` elements on the device (this thread's)."""
+        work = self._buffers("work")
+        buf = work.get((role, dtype))
         if buf is None or buf.numel() < n:
-            buf = self._work[(role, dtype)] = torch.empty(n, dtype=dtype, device=self.device)
+            buf = work[(role, dtype)] = torch.empty(n, dtype=dtype, device=self.device)
         return buf[:n]
 
     def load(self, role: str, info: TensorInfo, start: int, n: int) -> torch.Tensor:

@@ -79,3 +79,91 @@ def test_many_outputs_share_reads(tmp_path):
     eng = Engine([*cks.values(), t2], chunk=4096)
     eng.write_shards([plan.shards[0], plan2.shards[0]], [tmp_path / "d.safetensors", tmp_path / "e.safetensors"])
     assert eng.stats.bytes_read == pytest.approx(4 * per_model, rel=0.01)
+
+
+def _shuffled(monkeypatch, seed=0):
+    """Make compute workers finish chunks out of order: a random short sleep before each chunk."""
+    import random
+    import time
+
+    rng = random.Random(seed)
+    real = Engine._compute
+    monkeypatch.setattr(Engine, "_compute", lambda self, op: (time.sleep(rng.random() * 0.002), real(self, op))[1])
+
+
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_compute_workers_write_the_bytes_and_counts_of_one(tmp_path, monkeypatch, workers):
+    cks = _trio(tmp_path, nan=True)
+    one = _run(cks, tmp_path / "one.safetensors", 97)
+    assert one.workers is None
+    _shuffled(monkeypatch)
+    plan = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"])
+    many = Engine(list(cks.values()), chunk=97, workers=workers)
+    assert many._workers(plan.shards) == workers
+    many.write_shard(plan.shards[0], tmp_path / "many.safetensors")
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "many.safetensors").read_bytes()
+    assert many.stats == one.stats  # bytes read and written, tensors grafted and copied, NaN/Inf per tensor
+    assert many.stats.nonfinite == {"model.layers.0.mlp.up_proj.weight": 2}
+
+
+def test_one_worker_is_the_single_threaded_path(tmp_path):
+    cks = _trio(tmp_path)
+    _run(cks, tmp_path / "ref.safetensors", 1 << 22)
+    plan = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"])
+    Engine(list(cks.values()), chunk=97, workers=1).write_shard(plan.shards[0], tmp_path / "w1.safetensors")
+    assert (tmp_path / "ref.safetensors").read_bytes() == (tmp_path / "w1.safetensors").read_bytes()
+
+
+def test_ties_computes_on_one_worker(tmp_path):
+    from shadowgraft.mix import Mix
+
+    cks = _trio(tmp_path)
+    ties = plan_graft(cks["instruct"], base=cks["base"], tuned=[cks["tuned"], cks["tuned"]],
+                      mix=Mix("ties", weights=(0.5, 0.5), density=0.5))
+    plain = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"])
+    eng = Engine(list(cks.values()), workers=4)
+    assert eng._workers(ties.shards) == 1
+    assert eng._workers(plain.shards) == 4
+
+
+def test_a_failure_in_any_stage_stops_every_worker(tmp_path):
+    cks = _trio(tmp_path, n=50_000)
+    os.truncate(cks["tuned"].files[0], 1000)
+    plan = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"])
+    with pytest.raises(ShadowgraftError, match="file ended inside tensor"):
+        Engine(list(cks.values()), chunk=4096, workers=3).write_shard(plan.shards[0], tmp_path / "o.safetensors")
+
+
+def test_a_compute_error_on_a_worker_thread_reaches_the_caller(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    cks = _trio(tmp_path, n=50_000)
+    real = Engine._compute
+
+    def boom(self, op):
+        if threading.current_thread() is threading.main_thread():
+            time.sleep(0.005)  # so the other workers surely take chunks
+        elif op.start >= 100_000:
+            raise RuntimeError("worker failed")
+        return real(self, op)
+
+    monkeypatch.setattr(Engine, "_compute", boom)
+    plan = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"])
+    with pytest.raises(RuntimeError, match="worker failed"):
+        Engine(list(cks.values()), chunk=1000, workers=3).write_shard(plan.shards[0], tmp_path / "o.safetensors")
+
+
+def test_reader_buffers_belong_to_their_thread():
+    import threading
+
+    from shadowgraft.stream import Reader
+
+    r = Reader([])
+    mine = r.work("acc", 16, torch.float32)
+    theirs = []
+    t = threading.Thread(target=lambda: theirs.append(r.work("acc", 16, torch.float32)))
+    t.start()
+    t.join()
+    assert r.work("acc", 16, torch.float32).data_ptr() == mine.data_ptr()  # reused by its own thread
+    assert theirs[0].data_ptr() != mine.data_ptr()  # never handed to another
