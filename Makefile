@@ -36,6 +36,14 @@ bench-mergekit: install
 	TORCH="$(TORCH)" bash benchmarks/mergekit_venv.sh bench-out/mergekit-venv
 	$(PY) benchmarks/bench_apply.py --scaling 1,2,4
 
+# Beyond RAM, cold cache: a Qwen3-4B-shaped trio (24 GB of input, ~40 GB of
+# disk with two outputs), the floor, shadowgraft and mergekit; dropping the
+# page cache needs root. The trio is kept for the next run (--delete removes it).
+.PHONY: bench-scale
+bench-scale: install
+	TORCH="$(TORCH)" bash benchmarks/mergekit_venv.sh bench-out/mergekit-venv
+	$(PY) benchmarks/bench_scale.py --markdown bench-out/scale.md
+
 # On a machine with an NVIDIA GPU and a CUDA build of torch: the CUDA tests
 # (bit-identity with the CPU path) and the cpu/cuda/floor scaling benchmark.
 .PHONY: gpu-check

@@ -169,12 +169,15 @@ def size_table(trio: Trio, res: dict[str, Measurement], tools: list[Tool], args,
     for t in tools:
         m = res[t.key]
         gbps = f"{nin / m.seconds / 1e9:.2f}" if t.streams else "—"
-        rows.append([t.label, f"{m.seconds:.2f}", f"{m.cpu_seconds:.2f}", gbps, human(m.peak_rss), human(m.peak_anon)])
+        cpu_gb = f"{m.cpu_seconds / (nin / 1e9):.3f}" if t.streams else "—"
+        rows.append([t.label, f"{m.seconds:.2f}", f"{m.cpu_seconds:.2f}", cpu_gb, gbps, human(m.peak_rss),
+                     human(m.peak_anon)])
     s = trio.shape
     title = (f"apply: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, vocab {s.vocab}; "
              f"{human(nin / 3)}/model, {human(nin)} of input; best of {args.repeat}; warm page cache "
              f"(inputs read once before timing, nothing dropped); {machine()}; load average {load}")
-    print_table(title, ["tool", "seconds", "CPU s", "GB/s of input", "peak RSS", "peak anon RSS"], rows, markdown=md)
+    print_table(title, ["tool", "seconds", "CPU s", "CPU s/GB of input", "GB/s of input", "peak RSS", "peak anon RSS"],
+                rows, markdown=md)
 
 
 def scaling_report(sizes: list[tuple[int, Trio, dict[str, Measurement]]], tools: list[Tool], md: list[str]) -> dict:

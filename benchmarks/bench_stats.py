@@ -11,9 +11,9 @@ then runs three tools on each, every one as its own process:
 
 Start-up (``import torch`` alone is about a second) is the same at both
 sizes, so the marginal rate, (bytes at 4x - bytes at 1x) / (time at 4x -
-time at 1x), is the number to compare. It is given for wall time and for
-CPU time (user + system), which a busy shared machine disturbs less. Peak
-RSS and CPU time come from ``wait4``.
+time at 1x), is the number to compare. It is given for wall time (GB/s)
+and as CPU time (user + system) per GB of input, which a busy shared
+machine disturbs less. Peak RSS and CPU time come from ``wait4``.
 
     python benchmarks/bench_stats.py               # ~1 GB per model at 1x
     python benchmarks/bench_stats.py --gb 0.25 --workdir /tmp/b
@@ -181,7 +181,7 @@ def main() -> None:
     d_bytes = size[4] - size[1]
     print(f"\nLlama-shaped bf16 pair: {size[1] / 1e9:.2f} GB (1x) and {size[4] / 1e9:.2f} GB (4x) of input; "
           f"{os.cpu_count()} CPU(s); best of {args.repeat}; marginal = 4x minus 1x")
-    print(f"{'tool':<7}{'1x s':>7}{'4x s':>7}{'GB/s':>7}{'vs read':>9}{'CPU 1x':>8}{'CPU 4x':>8}{'CPU GB/s':>10}{'vs read':>9}"
+    print(f"{'tool':<7}{'1x s':>7}{'4x s':>7}{'GB/s':>7}{'vs read':>9}{'CPU 1x':>8}{'CPU 4x':>8}{'CPU s/GB':>10}{'vs read':>9}"
           f"{'RSS 1x':>9}{'RSS 4x':>9}")
     margin: dict[str, tuple[float, float]] = {}
     for tool in tools:
@@ -193,7 +193,9 @@ def main() -> None:
         for k in (0, 1):
             dt, floor = margin[tool][k], margin["read"][k]
             # A busy shared machine can make the 4x run look faster than the 1x one.
-            cells += [f"{d_bytes / dt / 1e9:.2f}", f"{dt / floor:.2f}x"] if dt > 0 and floor > 0 else ["noisy", "-"]
+            # Wall time as throughput (GB/s), CPU time as its cost (CPU seconds per GB), both at the margin.
+            rate = f"{d_bytes / dt / 1e9:.2f}" if k == 0 else f"{dt / (d_bytes / 1e9):.3f}"
+            cells += [rate, f"{dt / floor:.2f}x"] if dt > 0 and floor > 0 else ["noisy", "-"]
         print(f"{tool:<7}{t1:>7.2f}{t4:>7.2f}{cells[0]:>7}{cells[1]:>9}{c1:>8.2f}{c4:>8.2f}{cells[2]:>10}{cells[3]:>9}"
               f"{m1:>6.2f} GB{m4:>6.2f} GB")
     if "naive" in tools:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,43 @@ def test_verify_accepts_the_graft_and_the_paper_script_and_rejects_an_ungrafted_
                     "--to", str(bad)], check=True)
     assert verify_outputs(trio, {"shadowgraft": good, "paper script": paper})
     assert not verify_outputs(trio, {"shadowgraft ungrafted": bad, "paper script": paper})
+
+
+def test_scale_shape_is_qwen3_4b_and_smaller_sizes_keep_the_layout():
+    from bench_scale import QwenShape, shape_for_gb
+
+    q = shape_for_gb(8.05)
+    assert q == QwenShape() and q.layers == 36
+    assert 8.0e9 < q.nbytes() < 8.1e9  # Qwen3-4B: 4.02 B parameters in bf16
+    assert q.nbytes() == 2 * sum(math.prod(s) for _, s in q.tensors())
+    names = dict(q.tensors())
+    assert "lm_head.weight" not in names  # tied, as Qwen3-4B
+    assert names["model.layers.0.self_attn.k_norm.weight"] == (128,)
+    assert names["model.layers.35.mlp.down_proj.weight"] == (2560, 9728)
+    for gb in (0.003, 0.05, 0.4, 2.0):
+        s = shape_for_gb(gb)
+        assert s.layers >= 2
+        assert abs(s.nbytes() - gb * 1e9) < 0.35 * gb * 1e9
+
+
+def test_bench_scale_smoke_run(tmp_path):
+    work = tmp_path / "w"
+    md = tmp_path / "scale.md"
+    r = subprocess.run([sys.executable, str(BENCH / "bench_scale.py"), "--gb", "0.004", "--tools", "floor,cpu",
+                        "--no-drop", "--delete", "--workdir", str(work), "--markdown", str(md)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = md.read_text()
+    assert "| I/O floor (read B,T + copy_file_range I) |" in text
+    assert "| shadowgraft apply (cpu) |" in text and "| PASS |" in text
+    assert "page cache NOT dropped" in text  # --no-drop says so in the title
+    assert not list((work / "trios").iterdir())  # --delete removed the trio
+    assert not (work / "scale-out").exists()
+
+
+def test_bench_scale_refuses_a_trio_the_disk_cannot_hold(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH / "bench_scale.py"), "--gb", "1e9", "--tools", "floor",
+                        "--no-drop", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "free, the trio and two outputs need" in r.stderr and "smaller --gb" in r.stderr
+    assert not (tmp_path / "trios").exists()
