@@ -167,3 +167,47 @@ def test_reader_buffers_belong_to_their_thread():
     t.join()
     assert r.work("acc", 16, torch.float32).data_ptr() == mine.data_ptr()  # reused by its own thread
     assert theirs[0].data_ptr() != mine.data_ptr()  # never handed to another
+
+
+def _fake_fallocate(monkeypatch, err, calls):
+    import ctypes
+
+    from shadowgraft import engine
+
+    def fake(fd, mode, offset, length):
+        calls.append((mode, offset, length))
+        ctypes.set_errno(err)
+        return -1 if err else 0
+
+    monkeypatch.setattr(engine, "_fallocate", fake)
+
+
+def test_outputs_are_preallocated_to_their_final_size(tmp_path, monkeypatch):
+    cks = _trio(tmp_path)
+    _run(cks, tmp_path / "ref.safetensors", 4096)
+    calls = []
+    _fake_fallocate(monkeypatch, 0, calls)
+    _run(cks, tmp_path / "o.safetensors", 4096)
+    assert calls == [(0, 0, (tmp_path / "ref.safetensors").stat().st_size)]
+
+
+def test_a_file_system_without_fallocate_is_written_as_before(tmp_path, monkeypatch):
+    import errno
+
+    cks = _trio(tmp_path)
+    _run(cks, tmp_path / "ref.safetensors", 4096)
+    calls = []
+    _fake_fallocate(monkeypatch, errno.EOPNOTSUPP, calls)
+    _run(cks, tmp_path / "o.safetensors", 4096)
+    assert calls and (tmp_path / "ref.safetensors").read_bytes() == (tmp_path / "o.safetensors").read_bytes()
+
+
+def test_no_space_for_the_output_fails_before_writing_it(tmp_path, monkeypatch):
+    import errno
+
+    cks = _trio(tmp_path)
+    _fake_fallocate(monkeypatch, errno.ENOSPC, [])
+    with pytest.raises(OSError) as e:
+        _run(cks, tmp_path / "o.safetensors", 4096)
+    assert e.value.errno == errno.ENOSPC
+    assert (tmp_path / "o.safetensors").stat().st_size == 0
