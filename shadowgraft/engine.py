@@ -619,8 +619,21 @@ _END = object()  # to a compute worker: no more ops
 
 
 def default_workers() -> int:
-    """Compute workers on the CPU: torch's thread count (the cores it may use), at most ``MAX_WORKERS``."""
-    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
+    """Compute workers on the CPU: one per CPU this process may run on, at most ``MAX_WORKERS``.
+
+    Logical CPUs, not torch's count of physical cores: on a 2-vCPU machine
+    whose vCPUs are one core's two hyperthreads, torch counts one, and the
+    second worker still fills the time the first spends waiting.
+    ``OMP_NUM_THREADS``, when set, caps it, as it caps torch.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if cap.isdigit() and int(cap) > 0:
+        n = min(n, int(cap))
+    return max(1, min(MAX_WORKERS, n))
 
 
 def _add_scaled(acc: torch.Tensor, x: torch.Tensor, alpha: float, scratch: torch.Tensor) -> None:
