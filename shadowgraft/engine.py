@@ -46,6 +46,8 @@ from .writer import shard_header
 # Each extra compute worker adds two: the chunk it computes, and one done
 # early that waits for an earlier chunk to be written first.
 DEPTH = 3
+# Chunks waiting for compute that call in the helper workers (see _pipeline).
+BACKLOG = 3
 # Compute workers at most: memory bandwidth, not cores, limits beyond this.
 MAX_WORKERS = 8
 
@@ -475,6 +477,7 @@ class Engine:
             return run
 
         def reader() -> None:
+            self.reader.bind("reader")
             for seq, op in enumerate(ops):
                 op.seq = seq
                 if op.kind == "chunk":
@@ -488,13 +491,38 @@ class Engine:
                     self.stats.bytes_read += op.nbytes
                 if not put(to_compute, op):
                     return
+                if workers > 1 and to_compute.qsize() >= BACKLOG:
+                    backed_up.set()
+            read_all.set()
+            backed_up.set()
             for _ in range(workers):
                 put(to_compute, _END)
 
-        def compute() -> None:
+        read_all = threading.Event()  # the reader has queued its last op
+        backed_up = threading.Event()  # chunks are waiting for a compute worker
+
+        def backlog() -> object:
+            # A helper takes a chunk only while chunks queue up for compute:
+            # where one worker keeps up with the reader and the writer, the
+            # others sleep (no polling) instead of contending with them for
+            # the cores and the GIL.
+            while not stop.is_set() and not read_all.is_set():
+                backed_up.wait(0.1)
+                if to_compute.qsize() >= BACKLOG:
+                    try:
+                        return to_compute.get_nowait()
+                    except queue.Empty:
+                        pass
+                backed_up.clear()
+            return get(to_compute)
+
+        def compute(worker: int) -> None:
+            # Each shard's pipeline has new threads; buffers stay with the stage.
+            self.reader.bind(f"compute{worker}")
+            helper = worker > 0
             with torch.cuda.stream(self._stream) if self.cuda else nullcontext():
                 while True:
-                    op = get(to_compute)
+                    op = backlog() if helper else get(to_compute)
                     if op is None or op is _END:
                         return
                     if op.kind == "chunk":
@@ -520,7 +548,7 @@ class Engine:
                         free.put(op.slot)
 
         threads = [threading.Thread(target=guarded(f), daemon=True) for f in (reader, writer)]
-        extra = [threading.Thread(target=guarded(compute), daemon=True) for _ in range(workers - 1)]
+        extra = [threading.Thread(target=guarded(lambda w=w: compute(w)), daemon=True) for w in range(1, workers)]
         saved = torch.get_num_threads()
         # Parallel chunks scale with the cores where torch's own per-op
         # threads sync every few microseconds on chunk-sized ops, so each
@@ -536,7 +564,7 @@ class Engine:
         for t in threads + extra:
             t.start()
         try:
-            compute()
+            compute(0)
             for t in extra:
                 t.join()
             put(to_write, _DONE)

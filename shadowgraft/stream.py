@@ -41,12 +41,24 @@ class Reader:
         self.pinned = pinned
         self.device = torch.device(device)
         self.chunk = chunk
-        # Buffers belong to the thread that asked for them: threads using the
-        # same role names (the engine's compute workers) never share one.
+        # Buffers belong to the thread that asked for them, so threads using
+        # the same role names (the engine's compute workers) never share one;
+        # a thread bound to an owner name gets that owner's, which outlive it.
         self._local = threading.local()
+        self._owned: dict[str, dict] = {}
+
+    def bind(self, owner: str) -> None:
+        """Give this thread ``owner``'s buffers: the stage of the next shard's pipeline (a new thread) reuses them.
+
+        At most one live thread may be bound to an owner at a time.
+        """
+        self._local.owned = self._owned.setdefault(owner, {})
 
     def _buffers(self, kind: str) -> dict:
-        return self._local.__dict__.setdefault(kind, {})
+        mine = self._local.__dict__.get("owned")
+        if mine is None:
+            mine = self._local.owned = {}
+        return mine.setdefault(kind, {})
 
     def spans(self, info: TensorInfo, chunk: int | None = None) -> Iterator[tuple[int, int]]:
         """``(start, count)`` element ranges covering ``info`` in chunks."""

@@ -81,14 +81,23 @@ def test_many_outputs_share_reads(tmp_path):
     assert eng.stats.bytes_read == pytest.approx(4 * per_model, rel=0.01)
 
 
-def _shuffled(monkeypatch, seed=0):
-    """Make compute workers finish chunks out of order: a random short sleep before each chunk."""
+def _shuffled(monkeypatch, seed=0) -> set:
+    """Make compute workers finish chunks out of order (a random short sleep before each); returns who computed."""
     import random
+    import threading
     import time
 
     rng = random.Random(seed)
     real = Engine._compute
-    monkeypatch.setattr(Engine, "_compute", lambda self, op: (time.sleep(rng.random() * 0.002), real(self, op))[1])
+    who = set()
+
+    def slow(self, op):
+        who.add(threading.get_ident())
+        time.sleep(rng.random() * 0.002)
+        return real(self, op)
+
+    monkeypatch.setattr(Engine, "_compute", slow)
+    return who
 
 
 @pytest.mark.parametrize("workers", [2, 3, 5])
@@ -96,11 +105,12 @@ def test_compute_workers_write_the_bytes_and_counts_of_one(tmp_path, monkeypatch
     cks = _trio(tmp_path, nan=True)
     one = _run(cks, tmp_path / "one.safetensors", 97)
     assert one.workers is None
-    _shuffled(monkeypatch)
+    who = _shuffled(monkeypatch)
     plan = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"])
     many = Engine(list(cks.values()), chunk=97, workers=workers)
     assert many._workers(plan.shards) == workers
     many.write_shard(plan.shards[0], tmp_path / "many.safetensors")
+    assert len(who) > 1  # slowed down, the first worker fell behind the reader, and helpers took chunks
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "many.safetensors").read_bytes()
     assert many.stats == one.stats  # bytes read and written, tensors grafted and copied, NaN/Inf per tensor
     assert many.stats.nonfinite == {"model.layers.0.mlp.up_proj.weight": 2}
@@ -225,3 +235,23 @@ def test_default_workers_one_per_usable_cpu_capped(monkeypatch):
     assert engine.default_workers() == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "junk")
     assert engine.default_workers() == engine.MAX_WORKERS
+
+
+def test_bound_buffers_outlive_their_thread():
+    import threading
+
+    from shadowgraft.stream import Reader
+
+    r = Reader([])
+    got = []
+
+    def stage(owner):
+        r.bind(owner)
+        got.append(r.raw("in0@0", 64).data_ptr())
+
+    for owner in ("reader", "reader", "compute1"):
+        t = threading.Thread(target=stage, args=(owner,))
+        t.start()
+        t.join()
+    assert got[0] == got[1]  # the next pipeline's reader thread reuses the last one's buffer
+    assert got[2] != got[0]  # another stage never gets it
