@@ -255,3 +255,29 @@ def test_bound_buffers_outlive_their_thread():
         t.join()
     assert got[0] == got[1]  # the next pipeline's reader thread reuses the last one's buffer
     assert got[2] != got[0]  # another stage never gets it
+
+
+def test_fp8_requantized_grafts_are_the_same_on_many_workers(tmp_path, monkeypatch):
+    """Bands of one FP8 weight computed by different workers fill one scale table, written once complete."""
+    import shadowgraft
+    from shadowgraft import engine
+
+    from .test_fp8 import FP8_SHAPES, PLAIN_SHAPES, _weights, fp8_model, write
+
+    shapes = {**FP8_SHAPES, **PLAIN_SHAPES}
+    w, noise, tn = _weights(0, shapes), _weights(1, shapes), _weights(2, shapes)
+    trio = {"base": write(tmp_path / "b", fp8_model(w), quantized=True),
+            "instruct": write(tmp_path / "i", fp8_model({n: w[n] + 0.1 * noise[n] for n in w}), quantized=True),
+            "tuned": write(tmp_path / "t", fp8_model({n: w[n] + 0.05 * tn[n] for n in w}), quantized=True)}
+    outs = {}
+    for workers in (1, 4):
+        monkeypatch.setattr(engine, "default_workers", lambda workers=workers: workers)
+        who = _shuffled(monkeypatch, seed=workers)
+        outs[workers] = tmp_path / f"o{workers}"
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=outs[workers])
+        assert (len(who) > 1) == (workers > 1)
+        monkeypatch.undo()
+    files = sorted(p.name for p in outs[1].glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in outs[4].glob("*.safetensors"))
+    for f in files:
+        assert (outs[1] / f).read_bytes() == (outs[4] / f).read_bytes()
