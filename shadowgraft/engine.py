@@ -24,6 +24,7 @@ import os
 from contextlib import nullcontext
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,12 +43,17 @@ from .stream import CHUNK, Reader
 from .writer import shard_header
 
 # Buffer sets in flight between stages: one being filled, one being
-# computed, one being written. More does not help on a warm page cache.
-# Each extra compute worker adds two: the chunk it computes, and one done
-# early that waits for an earlier chunk to be written first.
+# computed, one being written. More does not help on a warm page cache
+# (5 measured 5-10% slower than 3 on the 2-core development machine: the
+# buffers a chunk touches fall out of the core's cache); each helper
+# compute worker adds two.
 DEPTH = 3
-# Chunks waiting for compute that call in the helper workers (see _pipeline).
-BACKLOG = 3
+# A helper compute worker starts once BACKLOG chunks wait for compute (all
+# the slots but the one being computed: the reader can get no further ahead)
+# and computing costs more than HELP times the cores' fair share of all
+# three stages (see _pipeline).
+BACKLOG = DEPTH - 1
+HELP = 1.2
 # Compute workers at most: memory bandwidth, not cores, limits beyond this.
 MAX_WORKERS = 8
 
@@ -134,6 +140,7 @@ class Engine:
         self._local = threading.local()  # per compute worker: ``_bad``
         self._tensor_bad: list = []  # NaN/Inf of the tensor being written, per output (writer thread)
         self.workers = workers  # compute workers; None: default_workers()
+        self._cost = [0.0, 0.0, 0.0]  # CPU seconds spent reading, computing, writing, over every shard so far
         if self.cuda:
             self._stream = torch.cuda.Stream(self.device)
 
@@ -439,16 +446,17 @@ class Engine:
         return self.workers or default_workers()
 
     def _pipeline(self, ops: Iterator[_Op], fds: list[int], workers: int = 1) -> None:
-        """Read ahead on one thread, compute on ``workers`` (this thread is one), write in order on one."""
-        depth = DEPTH + 2 * (workers - 1)
+        """Read ahead on one thread, compute on this one and up to ``workers - 1`` helpers, write in order on one."""
         free: queue.Queue[int] = queue.Queue()
-        for s in range(depth):
+        for s in range(DEPTH):
             free.put(s)
-        to_compute: queue.Queue = queue.Queue(depth)
-        # Unbounded, but every chunk in it holds one of the ``depth`` slots.
+        slots = DEPTH
+        to_compute: queue.Queue = queue.Queue(DEPTH + 2 * (workers - 1))
+        # Unbounded, but every chunk in it holds one of the slots.
         to_write: queue.Queue = queue.Queue()
         stop = threading.Event()
         errors: list[BaseException] = []
+        helpers: list[threading.Thread] = []  # started by the reader, joined here
 
         def put(q: queue.Queue, x) -> bool:
             while not stop.is_set():
@@ -476,7 +484,19 @@ class Engine:
                     stop.set()
             return run
 
+        def help_wanted() -> bool:
+            # Chunks queue up for compute, and compute is the stage that
+            # binds: it costs more CPU than the cores' fair share of all
+            # three stages. Otherwise a helper only takes CPU time from the
+            # reader and writer: on the 2-core development machine, where
+            # reading and writing cost as much as computing, a second worker
+            # made grafts 10% slower, and even one merely waiting for work
+            # cost 5-8%, so helpers start only once they are wanted.
+            r, c, w = self._cost
+            return to_compute.qsize() >= BACKLOG and c > HELP * (r + c + w) / workers
+
         def reader() -> None:
+            nonlocal slots
             self.reader.bind("reader")
             for seq, op in enumerate(ops):
                 op.seq = seq
@@ -485,48 +505,38 @@ class Engine:
                     if slot is None:
                         return
                     op.slot = slot
+                    t0 = time.thread_time()
                     self._read(op)
+                    self._cost[0] += time.thread_time() - t0
                 elif op.kind == "copy":
                     # Counted here, so that only this thread adds to bytes_read.
                     self.stats.bytes_read += op.nbytes
                 if not put(to_compute, op):
                     return
-                if workers > 1 and to_compute.qsize() >= BACKLOG:
-                    backed_up.set()
-            read_all.set()
-            backed_up.set()
-            for _ in range(workers):
+                if len(helpers) < workers - 1 and help_wanted():
+                    # Two more slots: the chunk the helper computes, and one
+                    # done early that waits for an earlier one to be written.
+                    for _ in range(2):
+                        free.put(slots)
+                        slots += 1
+                    helpers.append(threading.Thread(target=guarded(lambda w=len(helpers) + 1: compute(w)), daemon=True))
+                    helpers[-1].start()
+            for _ in range(1 + len(helpers)):
                 put(to_compute, _END)
-
-        read_all = threading.Event()  # the reader has queued its last op
-        backed_up = threading.Event()  # chunks are waiting for a compute worker
-
-        def backlog() -> object:
-            # A helper takes a chunk only while chunks queue up for compute:
-            # where one worker keeps up with the reader and the writer, the
-            # others sleep (no polling) instead of contending with them for
-            # the cores and the GIL.
-            while not stop.is_set() and not read_all.is_set():
-                backed_up.wait(0.1)
-                if to_compute.qsize() >= BACKLOG:
-                    try:
-                        return to_compute.get_nowait()
-                    except queue.Empty:
-                        pass
-                backed_up.clear()
-            return get(to_compute)
 
         def compute(worker: int) -> None:
             # Each shard's pipeline has new threads; buffers stay with the stage.
             self.reader.bind(f"compute{worker}")
-            helper = worker > 0
             with torch.cuda.stream(self._stream) if self.cuda else nullcontext():
                 while True:
-                    op = backlog() if helper else get(to_compute)
+                    op = get(to_compute)
                     if op is None or op is _END:
                         return
                     if op.kind == "chunk":
+                        t0 = time.thread_time()
                         self._compute(op)
+                        # Not atomic across workers: a rare lost update only blurs the estimate.
+                        self._cost[1] += time.thread_time() - t0
                     if not put(to_write, op):
                         return
 
@@ -542,13 +552,14 @@ class Engine:
                 while nxt in done:
                     op = done.pop(nxt)
                     nxt += 1
+                    t0 = time.thread_time()
                     self._write(op, fds)
+                    self._cost[2] += time.thread_time() - t0
                     if op.kind == "chunk":
                         self._account(op)
                         free.put(op.slot)
 
         threads = [threading.Thread(target=guarded(f), daemon=True) for f in (reader, writer)]
-        extra = [threading.Thread(target=guarded(lambda w=w: compute(w)), daemon=True) for w in range(1, workers)]
         saved = torch.get_num_threads()
         # Parallel chunks scale with the cores where torch's own per-op
         # threads sync every few microseconds on chunk-sized ops, so each
@@ -561,18 +572,19 @@ class Engine:
         froze = gc.get_freeze_count() == 0
         if froze:
             gc.freeze()
-        for t in threads + extra:
+        for t in threads:
             t.start()
         try:
             compute(0)
-            for t in extra:
+            # Every helper was started before the reader queued the first _END.
+            for t in helpers:
                 t.join()
             put(to_write, _DONE)
         except BaseException:
             stop.set()
             raise
         finally:
-            for t in threads + extra:
+            for t in threads + helpers:
                 t.join() if not stop.is_set() else t.join(timeout=5)
             stop.set()
             torch.set_num_threads(saved)

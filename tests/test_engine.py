@@ -82,11 +82,18 @@ def test_many_outputs_share_reads(tmp_path):
 
 
 def _shuffled(monkeypatch, seed=0) -> set:
-    """Make compute workers finish chunks out of order (a random short sleep before each); returns who computed."""
+    """Make compute workers finish chunks out of order (a random short sleep before each); returns who computed.
+
+    Helpers join in whenever chunks queue up (HELP = 0): a sleep costs no CPU
+    time, so the engine would not count compute as the stage that binds.
+    """
     import random
     import threading
     import time
 
+    from shadowgraft import engine
+
+    monkeypatch.setattr(engine, "HELP", 0.0)
     rng = random.Random(seed)
     real = Engine._compute
     who = set()
@@ -281,3 +288,43 @@ def test_fp8_requantized_grafts_are_the_same_on_many_workers(tmp_path, monkeypat
     assert files and files == sorted(p.name for p in outs[4].glob("*.safetensors"))
     for f in files:
         assert (outs[1] / f).read_bytes() == (outs[4] / f).read_bytes()
+
+
+def _burn(seconds: float) -> None:
+    import time
+
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < seconds:
+        pass
+
+
+@pytest.mark.parametrize("slow", ["_compute", "_read"])
+def test_helpers_join_in_only_where_compute_is_the_stage_that_binds(tmp_path, monkeypatch, slow):
+    import threading
+
+    cks = _trio(tmp_path, n=30_000)
+    who = set()
+    real = {name: getattr(Engine, name) for name in ("_compute", "_read")}
+
+    def compute(self, op):
+        who.add(threading.get_ident())
+        if slow == "_compute":
+            _burn(0.001)
+        return real["_compute"](self, op)
+
+    def read(self, op):
+        if slow == "_read":
+            _burn(0.001)
+        return real["_read"](self, op)
+
+    monkeypatch.setattr(Engine, "_compute", compute)
+    monkeypatch.setattr(Engine, "_read", read)
+    plan = plan_graft(cks["instruct"], base=cks["base"], tuned=cks["tuned"])
+    eng = Engine(list(cks.values()), chunk=1000, workers=2)
+    eng.write_shard(plan.shards[0], tmp_path / "o.safetensors")
+    read_cpu, compute_cpu, _ = eng._cost
+    if slow == "_compute":
+        assert compute_cpu > read_cpu and len(who) == 2
+    else:
+        # Reading binds: the second worker would only take CPU time from the reader.
+        assert read_cpu > compute_cpu and who == {threading.get_ident()}
