@@ -7,12 +7,14 @@ output dtype and written straight to the shard. Untouched tensors never
 enter Python: their byte ranges are copied by the kernel.
 
 Three stages overlap, joined by small bounded queues: one thread reads
-chunks ahead, compute workers (one per core on the CPU) each take the next
-read chunk, and one thread writes the computed chunks in file order. The GIL
-is released in every syscall and torch kernel, and the common graft runs as
-one TorchScript call (``fused.py``), so the stages really run at once; on
-CUDA one compute stage uploads from pinned buffers and downloads into pinned
-buffers, and the writer waits on an event before writing.
+chunks ahead, a compute worker turns each into output, and one thread
+writes the computed chunks in file order. Where computing is the stage that
+binds (it costs more CPU than its share of the cores), helper workers, up
+to one per core, take chunks too. The GIL is released in every syscall and
+torch kernel, and the common graft runs as one TorchScript call
+(``fused.py``), so the stages really run at once; on CUDA one compute stage
+uploads from pinned buffers and downloads into pinned buffers, and the
+writer waits on an event before writing.
 """
 
 from __future__ import annotations
