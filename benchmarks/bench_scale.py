@@ -241,7 +241,8 @@ def main() -> None:
                      human(m.peak_rss), human(m.peak_anon)])
     cache = ("page cache dropped before each run (sync; echo 3 > /proc/sys/vm/drop_caches), then the tool's "
              "libraries read" if dropped else "page cache NOT dropped (needs root): only what does not fit in RAM is cold")
-    title = (f"beyond RAM: {shape.describe()}; {human(model)}/model, {human(nin)} of input = {nin / ram:.2f}x RAM; "
+    title = (f"beyond RAM: {shape.describe()}; {human(model)}/model, {human(nin)} of input = {nin / ram:.2f}x RAM "
+             f"({(nin + model) / ram:.2f}x with the output); "
              f"{cache}; sync included; best of {args.repeat}; {machine()}; load average {load}")
     print_table(title, ["tool", "seconds", "CPU s", "CPU s/GB of input", "GB/s of input", "x floor", "peak RSS",
                         "peak anon RSS"], rows, markdown=md)
