@@ -19,7 +19,6 @@ writer waits on an event before writing.
 
 from __future__ import annotations
 
-import errno
 import gc
 import math
 import os
@@ -36,11 +35,12 @@ import torch
 from . import fp8, fused
 from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
-from .errors import ShadowgraftError
 from .header import DTYPE_BITS, TensorInfo
 from .mix import combine, dare_keep, kth_largest
-from .plan import Item, LoraTerm
+from .plan import Item
 from .shards import Shard
+from .fileio import copy_range, preallocate, pwrite_all, write_all
+from .lora_rows import LoraRows
 from .stream import CHUNK, Reader
 from .writer import shard_header
 
@@ -131,8 +131,7 @@ class Engine:
         self.progress = progress or (lambda n: None)
         self.stats = Stats()
         self._outs: list[Stats] = [self.stats]
-        self._lora_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # ((term, dtype), left, right)
-        self._lora_experts: dict[tuple, torch.Tensor] = {}  # (B, rows, ...) -> (E, rows, r): per-expert weights' B columns
+        self._lora = LoraRows(self.reader, self.device)
         self._thresholds: dict[tuple, float] = {}  # TIES: (item inputs, term) -> k-th largest |d| of the tensor
         # Requantized FP8 grafts: (output, scale name) -> the new scales, filled
         # band by band by the compute stage and written by the writer stage
@@ -274,7 +273,7 @@ class Engine:
             elif it.terms:
                 _add_scaled(acc, self._change(op, it, wd, changes), it.alpha, r.work("scaled", m, wd))
             if it.lora is not None:
-                rows = self._lora_rows(it, op.start, m, wd)
+                rows = self._lora.rows(it.lora, op.start, m, wd)
                 _add_scaled(acc, rows, it.alpha, rows)
             res = acc
         if it.dtype == fp8.CODE:
@@ -386,18 +385,18 @@ class Engine:
         elif op.kind == "hole":
             # The scales of a requantized graft that comes later in this file.
             for fd in fds:
-                _write_all(fd, bytes(op.nbytes))
+                write_all(fd, bytes(op.nbytes))
             n = op.nbytes
         else:
             if op.event is not None:
                 op.event.synchronize()
             for fd, out in zip(fds, op.outs):
-                _write_all(fd, out.view(torch.uint8).numpy())
+                write_all(fd, out.view(torch.uint8).numpy())
             n = op.outs[0].numel() * op.outs[0].element_size()
             if op.last and op.items[0].dtype == fp8.CODE and op.items[0].action == "graft":
                 for j, (fd, it) in enumerate(zip(fds, op.items)):
                     name = dict(it.fp8)[it.src].name
-                    _pwrite_all(fd, self._qscales.pop((j, name)).numpy(), self._holes[j][name])
+                    pwrite_all(fd, self._qscales.pop((j, name)).numpy(), self._holes[j][name])
         for st in self._outs:
             st.bytes_written += n
         self.progress(n * len(fds))
@@ -429,7 +428,7 @@ class Engine:
                 head = shard_header(shard)
                 sizes.append(len(head) + shard.nbytes)
                 preallocate(fds[-1], sizes[-1])
-                _write_all(fds[-1], head)
+                write_all(fds[-1], head)
             self._pipeline(self._ops(shards), fds, self._workers(shards))
             for fd, size, path in zip(fds, sizes, paths):
                 # A preallocated file has its full size from the start: a short
@@ -595,67 +594,6 @@ class Engine:
         if errors:
             raise errors[0]
 
-    def _lora_rows(self, it: Item, start: int, n: int, wd: torch.dtype) -> torch.Tensor:
-        """``scale * (B @ A)`` for the weight's flat elements ``[start, start+n)`` (whole rows)."""
-        lo: LoraTerm = it.lora
-        cache = self._lora_cache  # one reference: another worker may swap the cache meanwhile
-        if cache is None or cache[0] != (lo, wd):
-            # The factors are small (r x in, out x r): read them once per
-            # tensor, upcast, fold the scale into B, and lay them out as
-            # (groups, rows, r) @ (groups, r, cols) so each row block is a
-            # matmul per group into a reused buffer. A group is one expert of
-            # a fused (E, ., .) weight; every other weight is one group.
-            left, right = self._lora_factors(lo, wd)
-            cache = self._lora_cache = ((lo, wd), left, right)
-        _, left, right = cache
-        rows, cols = left.shape[1], right.shape[2]
-        r0, r1 = start // cols, (start + n) // cols
-        out = self.reader.work("lora", n, wd).view(r1 - r0, cols)
-        for g in range(r0 // rows, -(-r1 // rows)) if r1 > r0 else ():
-            lo_row, hi_row = max(r0, g * rows), min(r1, (g + 1) * rows)
-            torch.mm(left[g, lo_row - g * rows:hi_row - g * rows], right[g], out=out[lo_row - r0:hi_row - r0])
-        return out.view(-1)
-
-    def _lora_factors(self, lo: LoraTerm, wd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(left, right)``, (groups, rows, r) and (groups, r, cols), with ``left[g] @ right[g]`` the weight's rows of group g."""
-        if lo.experts == 1 and lo.expert is None:
-            a = self._factor(lo.a, wd)
-            b = self._factor(lo.b, wd).mul_(lo.scale)
-            # Weight stored (in, out): its row i is column i of B @ A.
-            left, right = (a.T, b.T) if lo.transpose else (b, a)
-            return left.contiguous()[None], right.contiguous()[None]
-        e_n = lo.experts
-        r = lo.a.shape[0] // e_n
-        if lo.expert is None:
-            # The fused (E, d1, d2) weight itself: PEFT's delta[e] is B_e @ A_e,
-            # or its transpose for experts stored (E, in, out).
-            a = self._factor(lo.a, wd).view(e_n, r, -1)
-            b = self._factor(lo.b, wd).mul_(lo.scale).view(-1, r, e_n)
-            if lo.transpose:
-                return a.transpose(1, 2).contiguous(), b.permute(2, 1, 0).contiguous()
-            return b.permute(2, 0, 1).contiguous(), a
-        # One expert's weight in a file that stores them apart: only expert
-        # e's rows of A are read; B's columns for every expert are gathered
-        # once per module (and row range) and kept for the experts that follow.
-        cols = lo.a.shape[1]
-        x = self.reader.load("lora_factor", lo.a, lo.expert * r * cols, r * cols)
-        right = x.to(self.device, wd, copy=True).view(1, r, cols)
-        key = (lo.b, lo.rows, lo.scale, e_n, wd)
-        left = self._lora_experts.pop(key, None)
-        if left is None:
-            r0, r1 = lo.rows or (0, lo.b.shape[0])
-            y = self.reader.load("lora_factor", lo.b, r0 * r * e_n, (r1 - r0) * r * e_n)
-            left = y.to(self.device, wd, copy=True).mul_(lo.scale).view(r1 - r0, r, e_n).permute(2, 0, 1).contiguous()
-            while len(self._lora_experts) >= 4:  # gate, up and down halves of one layer's experts, interleaved by name
-                self._lora_experts.pop(next(iter(self._lora_experts)))
-        self._lora_experts[key] = left
-        return left[lo.expert][None], right
-
-    def _factor(self, info: TensorInfo, wd: torch.dtype) -> torch.Tensor:
-        x = self.reader.load("lora_factor", info, 0, info.numel)
-        return x.to(self.device, wd, copy=True).view(info.shape)
-
-
 _DONE = object()  # to the writer: every op has been computed
 _END = object()  # to a compute worker: no more ops
 
@@ -700,72 +638,3 @@ def _holes(shard: Shard) -> dict[str, int]:
             raise ValueError(f"'{it.name}': its scale item must come before it in the shard")
         off += it.nbytes
     return where
-
-
-def _pwrite_all(fd: int, buf, offset: int) -> None:
-    mv = memoryview(buf).cast("B")
-    while mv:
-        n = os.pwrite(fd, mv, offset)
-        mv, offset = mv[n:], offset + n
-
-
-_fallocate = None
-
-
-def preallocate(fd: int, nbytes: int) -> None:
-    """Reserve the output file's blocks before writing it, where the file system can (ext4, XFS, btrfs).
-
-    Writing into reserved blocks measured 40% less CPU time than letting
-    ext4 reserve them page by page as the writes arrive (0.093 against
-    0.160 s per GB on the 2-core development machine), and the writer is
-    one of the three stages a graft is made of. A file system without
-    ``fallocate`` is written as before: ``posix_fallocate`` is not used, as
-    its fallback writes every block once more. No space left raises the
-    OSError the write would have raised, before any data is written.
-    """
-    import ctypes
-
-    global _fallocate
-    if _fallocate is None:
-        try:
-            _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-            _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        except (OSError, AttributeError):  # not Linux
-            _fallocate = False
-    if _fallocate and nbytes > 0 and _fallocate(fd, 0, 0, nbytes) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise OSError(err, os.strerror(err))
-
-
-def _write_all(fd: int, buf) -> None:
-    mv = memoryview(buf).cast("B")
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
-
-
-def copy_range(src_fd: int, src_off: int, dst_fd: int, nbytes: int, what: TensorInfo | None = None) -> None:
-    """Append ``nbytes`` of ``src_fd`` at ``src_off`` to ``dst_fd`` without passing them through Python.
-
-    ``copy_file_range`` lets the file system share or copy extents in the
-    kernel; ``sendfile`` is the fallback for file systems that refuse it.
-    """
-    done = 0
-    use_cfr = hasattr(os, "copy_file_range")
-    while done < nbytes:
-        want = min(nbytes - done, 1 << 30)
-        try:
-            if use_cfr:
-                n = os.copy_file_range(src_fd, dst_fd, want, src_off + done)
-            else:
-                n = os.sendfile(dst_fd, src_fd, src_off + done, want)
-        except OSError as e:
-            if use_cfr and e.errno in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
-                use_cfr = False
-                continue
-            raise
-        if n == 0:
-            where = f" inside tensor '{what.name}'" if what else ""
-            raise ShadowgraftError(f"{what.file if what else 'input'}: file ended{where}; it was truncated, re-download it")
-        done += n

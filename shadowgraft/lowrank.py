@@ -24,6 +24,7 @@ import torch
 
 from .header import DTYPE_BITS, TensorInfo
 from .plan import Item
+from .fileio import copy_range, write_all
 from .shards import Shard
 from .writer import shard_header
 
@@ -174,7 +175,7 @@ class AdapterWriter:
         for key, t in zip(keys, (f.a, f.b)):
             data = t.detach().to("cpu", self._torch).contiguous()
             raw = data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b""
-            _write_all(self._fd, raw)
+            write_all(self._fd, raw)
             n = data.numel() * DTYPE_BITS[self.dtype] // 8
             info = TensorInfo(key, self.dtype, tuple(data.shape), self._spool, self._off, self._off + n)
             self._items.append(Item(key, "copy", self.dtype, info))
@@ -187,14 +188,12 @@ class AdapterWriter:
 
     def finish(self, config: dict) -> None:
         """Write the safetensors file (header, then the spooled bytes) and ``adapter_config.json``."""
-        from .engine import copy_range
-
         os.close(self._fd)
         self._fd = -1
         shard = Shard(WEIGHTS_NAME, tuple(self._items))
         out = os.open(self.folder / WEIGHTS_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _write_all(out, shard_header(shard))
+            write_all(out, shard_header(shard))
             src = os.open(self._spool, os.O_RDONLY)
             try:
                 copy_range(src, 0, out, self._off)
@@ -209,13 +208,6 @@ class AdapterWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _write_all(fd: int, buf) -> None:
-    mv = memoryview(buf).cast("B")
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
 
 
 def adapter_config(*, ranks: dict[str, int], modules_in_model: set[str], fan_in_fan_out: bool,

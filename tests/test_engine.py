@@ -189,14 +189,14 @@ def test_reader_buffers_belong_to_their_thread():
 def _fake_fallocate(monkeypatch, err, calls):
     import ctypes
 
-    from shadowgraft import engine
+    from shadowgraft import fileio
 
     def fake(fd, mode, offset, length):
         calls.append((mode, offset, length))
         ctypes.set_errno(err)
         return -1 if err else 0
 
-    monkeypatch.setattr(engine, "_fallocate", fake)
+    monkeypatch.setattr(fileio, "_fallocate", fake)
 
 
 def test_outputs_are_preallocated_to_their_final_size(tmp_path, monkeypatch):
