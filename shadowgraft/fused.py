@@ -18,10 +18,11 @@ L2 a core): 421 / 192 / 151 us per 256K-element bf16 chunk at steps of 8K /
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
+
+from .metrics import scripted
 
 DTYPES = frozenset({"BF16", "F16", "F32"})
 
@@ -58,18 +59,8 @@ def _graft(x: torch.Tensor, base: Optional[torch.Tensor], term: torch.Tensor, al
     return out.sum(dtype=torch.float32)
 
 
-_compiled = None
 
 
 def graft_kernel():
     """``_graft`` compiled by TorchScript; ``_graft`` itself where TorchScript is unavailable (same ops, same bits)."""
-    global _compiled
-    if _compiled is None:
-        try:
-            with warnings.catch_warnings():
-                # torch marks TorchScript deprecated; here it is only a speed-up.
-                warnings.simplefilter("ignore")
-                _compiled = torch.jit.script(_graft)
-        except Exception:  # no source files, a torch without TorchScript, ...
-            _compiled = _graft
-    return _compiled
+    return scripted(_graft)

@@ -196,7 +196,6 @@ def scratch_elements(n: int, step: int) -> int:
     return max(1, 5 * min(step, n))
 
 
-_compiled = None
 
 
 def kernel():
@@ -209,16 +208,7 @@ def kernel():
     The ops and their order are the same either way, and so are the
     results, bit for bit (tested).
     """
-    global _compiled
-    if _compiled is None:
-        try:
-            with warnings.catch_warnings():
-                # torch marks TorchScript deprecated; it is only a speed-up here.
-                warnings.simplefilter("ignore")
-                _compiled = torch.jit.script(_kernel)
-        except Exception:  # no source files, a torch without TorchScript, ...
-            _compiled = _kernel
-    return _compiled
+    return scripted(_kernel)
 
 
 def range_sums(a: torch.Tensor, b: torch.Tensor, *, tuned: torch.Tensor | None = None, work: torch.Tensor | None = None,
@@ -269,3 +259,23 @@ def tensor_sums(a: torch.Tensor, b: torch.Tensor, *, tuned: torch.Tensor | None 
         raise ValueError(f"element counts differ: {a.numel()} vs {b.numel()}")
     sums, delta = range_sums(a, b, tuned=tuned.reshape(-1) if tuned is not None else None, step=max(1, chunk))
     return (sums, delta) if tuned is not None else sums
+
+
+_scripted: dict = {}
+
+
+def scripted(fn):
+    """``fn`` compiled by TorchScript, once; ``fn`` itself where TorchScript is unavailable (same ops, same bits).
+
+    Compiled, a chunk loop runs without taking the GIL between ops, so
+    worker threads really run at once.
+    """
+    if fn not in _scripted:
+        try:
+            with warnings.catch_warnings():
+                # torch marks TorchScript deprecated; it is only a speed-up here.
+                warnings.simplefilter("ignore")
+                _scripted[fn] = torch.jit.script(fn)
+        except Exception:  # no source files, a torch without TorchScript, ...
+            _scripted[fn] = fn
+    return _scripted[fn]
