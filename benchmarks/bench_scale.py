@@ -22,20 +22,16 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Measurement, Trio, best_of, human, load_average, machine, measure, print_table  # noqa: E402
+from common import TRIO_VERSION, Measurement, Trio, build_once, best_of, human, load_average, machine, measure, print_table  # noqa: E402
 from agreement import verify_outputs  # noqa: E402
 from bench_apply import PY, Tool, floor_cmd, mergekit_cmd, shadowgraft_cmd  # noqa: E402
 
-TRIO_VERSION = 1
 
-
-@dataclass(frozen=True)
-class QwenShape:
+class QwenShape(NamedTuple):
     """A Qwen3-style decoder: GQA with q/k RMSNorms, SwiGLU MLP, tied embeddings (Qwen3-4B: the defaults)."""
 
     layers: int = 36
@@ -110,19 +106,11 @@ def shape_for_gb(gb: float) -> QwenShape:
 
 def build(workdir: Path, shape: QwenShape, shard_bytes: int) -> Trio:
     """Write (or reuse) the trio in a child process, so this process never holds a tensor (nor torch)."""
+    def make(tmp: Path) -> None:
+        subprocess.run([PY, __file__, "--build", json.dumps([str(tmp), shape._asdict(), shard_bytes])], check=True)
+
     root = workdir / "trios" / f"{shape.label()}-s{shard_bytes}"
-    done = root / f".complete-v{TRIO_VERSION}"
-    if not done.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        tmp = root.with_name(root.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        t0 = time.perf_counter()
-        print(f"building a {human(3 * shape.nbytes())} trio ({shape.describe()}) in {root} ...", flush=True)
-        subprocess.run([PY, __file__, "--build", json.dumps([str(tmp), shape.__dict__, shard_bytes])], check=True)
-        os.rename(tmp, root)
-        done.touch()
-        print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)
-    return Trio(root, shape)
+    return Trio(build_once(root, f"a {human(3 * shape.nbytes())} trio ({shape.describe()})", make), shape)
 
 
 def _build_child(spec: str) -> None:

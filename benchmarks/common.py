@@ -136,21 +136,29 @@ def build_trio(*, workdir: Path, shape: TrioShape, shard_bytes: int) -> Trio:
 
     >>> build_trio(workdir=Path("bench-out"), shape=TrioShape(4), shard_bytes=100 * MB)  # doctest: +SKIP
     """
-    root = Path(workdir) / "trios" / f"{shape.label()}-s{shard_bytes}"
-    done = root / f".complete-v{TRIO_VERSION}"
-    if not done.exists():
+    def make(tmp: Path) -> None:
         from shadowgraft.synthetic import make_trio
 
+        make_trio(tmp, shape=shape.synthetic(), shard_bytes=shard_bytes)
+
+    root = Path(workdir) / "trios" / f"{shape.label()}-s{shard_bytes}"
+    return Trio(build_once(root, f"trio {shape.label()} ({human(shape.nbytes())}/model)", make), shape)
+
+
+def build_once(root: Path, what: str, make) -> Path:
+    """``root``, built by ``make(tmp)`` into a sibling and renamed into place, unless an earlier build completed it."""
+    done = root / f".complete-v{TRIO_VERSION}"
+    if not done.exists():
         shutil.rmtree(root, ignore_errors=True)
         tmp = root.with_name(root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
-        print(f"building trio {shape.label()} ({human(shape.nbytes())}/model) in {root} ...", flush=True)
-        make_trio(tmp, shape=shape.synthetic(), shard_bytes=shard_bytes)
+        print(f"building {what} in {root} ...", flush=True)
+        make(tmp)
         os.rename(tmp, root)
         done.touch()
         print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
-    return Trio(root, shape)
+    return root
 
 
 def warm_cache(paths: list[Path]) -> None:
