@@ -148,19 +148,22 @@ def test_revision_picks_the_right_snapshot(tmp_path, cache):
             assert first_bytes(ck) == want[role], spec
 
 
-def test_missing_repo_offline_is_one_line_exit_1(tmp_path, hub_trio, cache, capsys):
-    code, out, err = run_cli(["apply", "--instruct", "org/instruct", "--base", "org/nope", "--tuned", "me/tuned",
+def _apply_offline(tmp_path, capsys, instruct: str, base: str) -> str:
+    """``apply`` with these Hub ids offline: exit 1, nothing written; returns stderr."""
+    code, out, err = run_cli(["apply", "--instruct", instruct, "--base", base, "--tuned", "me/tuned",
                               "--output", str(tmp_path / "o")], capsys)
-    assert code == 1
+    assert code == 1 and not (tmp_path / "o").exists()
+    return err
+
+
+def test_missing_repo_offline_is_one_line_exit_1(tmp_path, hub_trio, cache, capsys):
+    err = _apply_offline(tmp_path, capsys, "org/instruct", "org/nope")
     assert err.strip() == (f"error: org/nope: no such local path, and not in the Hub cache {cache} with HF_HUB_OFFLINE=1 set; "
                            "run once online to download it, or pass a local folder")
-    assert not (tmp_path / "o").exists()
 
 
 def test_missing_revision_offline_is_one_line_exit_1(tmp_path, hub_trio, cache, capsys):
-    code, out, err = run_cli(["apply", "--instruct", "org/instruct@v9", "--base", "org/base", "--tuned", "me/tuned",
-                              "--output", str(tmp_path / "o")], capsys)
-    assert code == 1
+    err = _apply_offline(tmp_path, capsys, "org/instruct@v9", "org/base")
     assert err.strip() == (f"error: org/instruct@v9: revision 'v9' is not in the Hub cache {cache} (cached refs: main) and "
                            "HF_HUB_OFFLINE=1 is set; run once online to fetch it, or name a cached revision")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
