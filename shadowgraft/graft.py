@@ -144,13 +144,17 @@ def apply(
             return Result(jobs[0].plan if jobs else None, None)
         for job in jobs:
             job.out.final.parent.mkdir(parents=True, exist_ok=True)
-        failed += _write(ins, jobs, dev=dev, strict=strict, progress=progress, command=command, extra=extra)
-    written = [j for j in jobs if not any(f.startswith(f"{j.label}: ") for f in failed)]
+        refused = _write(ins, jobs, dev=dev, strict=strict, progress=progress, command=command, extra=extra)
+    written = [j for j in jobs if not any(f.startswith(f"{j.label}: ") for f in refused)]
     result = Result(jobs[0].plan, jobs[0].out.final, jobs[0].stats, outputs=[j.out.final for j in written],
                     results=[OutputResult(j.out.final, j.plan, j.plan.alpha, j.stats) for j in written])
-    if failed:
-        what = f"{len(groups)} tuned checkpoints" if len(failed) <= len(groups) and len(alphas) == 1 else f"{len(jobs) + len(failed)} outputs"
-        raise ShadowgraftError(f"{len(failed)} of {what} failed (the other outputs are complete): " + "; ".join(failed))
+    if failed or refused:
+        # A tuned checkpoint refused while planning has no output for any alpha.
+        if len(alphas) == 1:
+            what = f"{len(failed) + len(refused)} of {len(groups)} tuned checkpoints"
+        else:
+            what = f"{len(failed) * len(alphas) + len(refused)} of {len(groups) * len(alphas)} outputs"
+        raise ShadowgraftError(f"{what} failed (the other outputs are complete): " + "; ".join(failed + refused))
     if push_to_hub:
         from .publish import push
 

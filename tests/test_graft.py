@@ -334,3 +334,16 @@ def test_push_with_several_outputs_is_refused_before_any_work(tmp_path, trio):
         shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "o",
                           alpha="0.5,1", push_to_hub="me/graft")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_checkpoint_in_an_alpha_grid_counts_every_output_it_misses(tmp_path, trio):
+    import shutil
+
+    other = make_trio(tmp_path / "other", shape=Shape(layers=3, hidden=64, intermediate=128, vocab=128))
+    shutil.copytree(trio["tuned"], tmp_path / "run" / "checkpoint-1")
+    shutil.copytree(other["tuned"], tmp_path / "run" / "checkpoint-2")
+    with pytest.raises(ShadowgraftError, match=r"^2 of 4 outputs failed \(the other outputs are complete\): .*checkpoint-2: "):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=tmp_path / "run", output=tmp_path / "out",
+                          alpha="0.5,1")
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-1").iterdir()) == ["alpha-0.5", "alpha-1.0"]
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
