@@ -1,4 +1,14 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# The one-pass CPU kernels (shadowgraft/native.py). Optional: without a C
+# compiler the install still succeeds and the TorchScript kernels run.
+# -ffp-contract=off: no fused multiply-adds, so every CPU gets the same bits.
+native = Extension(
+    "shadowgraft._native",
+    sources=["shadowgraft/_native.c"],
+    extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],
+    optional=True,
+)
 
 setup(
     name="shadowgraft",
@@ -7,6 +17,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["shadowgraft", "shadowgraft.*"]),
+    ext_modules=[native],
     python_requires=">=3.10",
     install_requires=[
         "safetensors>=0.4",

@@ -9,7 +9,16 @@ import sys
 import pytest
 import torch
 
+from shadowgraft import native
 from shadowgraft.metrics import DeltaSums, Sums, range_sums, tensor_sums
+
+
+@pytest.fixture(autouse=True, params=["native", "torchscript"])
+def kernel(request, monkeypatch):
+    """Every test runs on both kernels: the compiled one and the TorchScript one it falls back to."""
+    if request.param == "native" and not native.available():
+        pytest.skip("shadowgraft._native is not built here")
+    monkeypatch.setenv("SHADOWGRAFT_NATIVE", "1" if request.param == "native" else "0")
 
 
 def ref(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import shadowgraft
-from shadowgraft import ShadowgraftError
+from shadowgraft import ShadowgraftError, native
 from shadowgraft.cli import main
 from shadowgraft.compare import stats
 from shadowgraft.synthetic import Shape, bert_tensors, llama_tensors, make_trio, randn, write_checkpoint
@@ -136,6 +136,33 @@ def test_structural_differences_are_reported_and_overlap_compared(tmp_path):
     assert set(rows) == common
     d = json.loads(r.to_json())
     assert d["mismatched"][0].keys() == {"name", "shape_a", "shape_b", "dtype_a", "dtype_b", "compared"}
+
+
+@pytest.mark.skipif(not native.available(), reason="shadowgraft._native is not built here")
+def test_compiled_and_torchscript_kernels_give_the_same_report(trio, tmp_path, monkeypatch):
+    # The compiled kernel reads the files itself; with SHADOWGRAFT_NATIVE=0 the TorchScript one sums what the reader loads.
+    names = [("model.layers.0.mlp.up_proj.weight", (64, 48)), ("model.layers.1.mlp.up_proj.weight", (64, 48))]
+
+    def bad(n, sh):
+        x = randn(n, sh, 1)
+        x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        return x
+
+    a = write_checkpoint(tmp_path / "a", names, lambda n, sh: randn(n, sh, 0), dtype=torch.bfloat16)
+    b = write_checkpoint(tmp_path / "b", names, bad, dtype=torch.bfloat16)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SHADOWGRAFT_NATIVE", flag)
+        runs.append([stats(trio["base"], trio["instruct"], tuned=trio["tuned"], chunk=5000), stats(a, b, chunk=1000)])
+    for fast, slow in zip(*runs):
+        for x, y in zip(fast.tensors, slow.tensors):
+            exact = ("numel", "n_diff", "max_abs", "nan_a", "inf_a", "nan_b", "inf_b")
+            assert [getattr(x.sums, k) for k in exact] == [getattr(y.sums, k) for k in exact]
+            for k in ("abs_a", "abs_b", "abs_d", "sq_a", "sq_b", "sq_d"):
+                assert getattr(x.sums, k) == pytest.approx(getattr(y.sums, k), rel=1e-6, nan_ok=True)
+            if x.delta is not None:
+                assert (x.delta.sq_t, x.delta.dot) == (pytest.approx(y.delta.sq_t, rel=1e-6), pytest.approx(y.delta.dot, rel=1e-5))
+    assert runs[0][1].tensors[0].sums.nan_b == 1 and runs[0][1].tensors[0].sums.inf_b == 2
 
 
 def test_three_checkpoint_mode_against_float64(trio):

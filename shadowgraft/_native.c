@@ -1,0 +1,295 @@
+/* One-pass kernels for the CPU hot loops, called from shadowgraft/native.py.
+ *
+ * Why C: torch runs a chunk's arithmetic as a dozen separate passes over
+ * memory (upcast, subtract, abs, square, sum, ...). Here each element is
+ * read once, from the bytes as stored (bf16 or fp32), and every sum is
+ * taken in the same pass. The functions release the GIL, so one thread per
+ * core runs them at once.
+ *
+ * Reproducible: the order of every floating-point operation is fixed by
+ * this source (LANES independent fp32 accumulators per sum, flushed to
+ * float64 every BLOCK elements in lane order), the build forbids contracting
+ * a * b + c into a fused multiply-add (-ffp-contract=off), and no flag lets
+ * the compiler reassociate; so the vector width it picks (SSE2, AVX2,
+ * AVX-512, NEON) cannot change a bit of the result.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifndef LANES
+#define LANES 8
+#endif
+#define BLOCK 256 /* elements per flush: 32 fp32 additions per lane */
+
+/* Dtype codes shared with native.py. */
+enum { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
+static const size_t WIDTH[] = {4, 2, 2, 8};
+
+/* Columns of a row of sums, shared with metrics.py (ABS_A ... NEG_DOT). */
+enum { ABS_A, ABS_B, ABS_D, N_DIFF, SQ_A, SQ_B, SQ_D, MAX_ABS, SQ_T, NEG_DOT, COLS };
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+/* One binary, the best instructions the running CPU has (picked at load). */
+#define CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define CLONES
+#endif
+
+typedef union {
+    float f[BLOCK];
+    uint32_t u[BLOCK];
+} block_t;
+
+/* fp16 to fp32 bits, exact for every code, branch-free (so it vectorizes), and never through an fp32
+ * subnormal (a DAZ mode could read one as zero): normals move exponent and mantissa into fp32's places
+ * and rebias the exponent; subnormals are their 10-bit integer mantissa times 2^-24; Inf/NaN keep theirs. */
+static inline uint32_t f16_bits(uint16_t h) {
+    uint32_t e = h & 0x7c00u, m = h & 0x3ffu;
+    union {
+        float f;
+        uint32_t u;
+    } sub = {(float)m * 0x1p-24f};
+    uint32_t normal = ((uint32_t)(h & 0x7fffu) << 13) + (112u << 23);
+    uint32_t mag = e == 0 ? sub.u : e == 0x7c00u ? 0x7f800000u | (m << 13) : normal;
+    return ((uint32_t)(h & 0x8000u) << 16) | mag;
+}
+
+/* Elements [0, n) of p (n <= BLOCK) as fp32, zero padded to BLOCK: padding adds nothing to any sum.
+ * The conversions are torch's: bf16 and fp16 exactly, fp64 rounded to nearest even. */
+static inline void load_block(block_t *dst, const void *p, int code, size_t n) {
+    if (code == BF16) {
+        const uint16_t *s = (const uint16_t *)p;
+        for (size_t i = 0; i < n; i++)
+            dst->u[i] = (uint32_t)s[i] << 16; /* bf16 is the top half of an fp32 */
+    } else if (code == F16) {
+        const uint16_t *s = (const uint16_t *)p;
+        for (size_t i = 0; i < n; i++)
+            dst->u[i] = f16_bits(s[i]);
+    } else if (code == F64) {
+        const double *s = (const double *)p;
+        for (size_t i = 0; i < n; i++)
+            dst->f[i] = (float)s[i];
+    } else {
+        memcpy(dst->f, p, n * sizeof(float));
+    }
+    for (size_t i = n; i < BLOCK; i++)
+        dst->u[i] = 0;
+}
+
+static inline const void *advance(const void *p, int code, size_t n) { return (const char *)p + n * WIDTH[code]; }
+
+/* GCC/clang vector extensions: LANES floats per value, lowered to whatever SIMD the target has. */
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+static inline vf vload(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
+
+/* Running sums of one call: LANES fp32 lanes per sum within a BLOCK, float64 across blocks. */
+typedef struct {
+    double tot[COLS];
+    int64_t n_diff;
+    vf mx;
+} acc_t;
+
+/* Elements [i, i + BLOCK) of fp32 A, B (and T) added to `acc`: the one place the sums are taken. */
+static inline __attribute__((always_inline)) void block(const float *a, const float *b, const float *t, size_t i,
+                                                        acc_t *acc) {
+    vf aa = {0}, ab = {0}, ad = {0}, qa = {0}, qb = {0}, qd = {0}, qt = {0}, dt = {0}, mx = acc->mx;
+    vi nd = {0};
+    for (size_t j = i; j < i + BLOCK; j += LANES) {
+        vf x = vload(a + j), y = vload(b + j);
+        vf d = x - y, adl = vabs(d);
+        aa += vabs(x);
+        ab += vabs(y);
+        ad += adl;
+        qa += x * x;
+        qb += y * y;
+        qd += d * d;
+        nd -= (vi)(d != 0.0f); /* a true comparison is -1 in every bit */
+        vi gt = (vi)(adl > mx);
+        mx = (vf)(((vi)adl & gt) | ((vi)mx & ~gt));
+        if (t) {
+            vf e = vload(t + j) - x;
+            qt += e * e;
+            dt += e * d; /* <T - A, A - B> = -<T - A, B - A> */
+        }
+    }
+    acc->mx = mx;
+    for (int l = 0; l < LANES; l++) {
+        acc->tot[ABS_A] += aa[l];
+        acc->tot[ABS_B] += ab[l];
+        acc->tot[ABS_D] += ad[l];
+        acc->tot[SQ_A] += qa[l];
+        acc->tot[SQ_B] += qb[l];
+        acc->tot[SQ_D] += qd[l];
+        acc->tot[SQ_T] += qt[l];
+        acc->tot[NEG_DOT] += dt[l];
+        acc->n_diff += nd[l];
+    }
+}
+
+/* Adds elements [0, n) of A, B (and T) to `acc`. fp32 inputs are read in place; other dtypes, mixed
+ * ones, and a last partial block are first converted into fp32 blocks in L1 (zero padded: padding adds
+ * nothing to any sum; converting a block apart measured faster for bf16 than widening in registers).
+ * Both routes perform the same fp32 operations on the same values, so they give the same bits. Only
+ * the last call of a step may pass n that is not a multiple of BLOCK. */
+CLONES static void add_range(acc_t *acc, const void *a, int ca, const void *b, int cb, const void *t, int ct,
+                             size_t n) {
+    block_t xa, xb, xt;
+    int same = ca == cb && (!t || ct == ca) ? ca : -1;
+    size_t s = 0;
+    if (same == F32)
+        for (; s + BLOCK <= n; s += BLOCK)
+            block((const float *)a, (const float *)b, (const float *)t, s, acc);
+    for (; s < n; s += BLOCK) {
+        size_t m = n - s < BLOCK ? n - s : BLOCK;
+        load_block(&xa, advance(a, ca, s), ca, m);
+        load_block(&xb, advance(b, cb, s), cb, m);
+        if (t)
+            load_block(&xt, advance(t, ct, s), ct, m);
+        block(xa.f, xb.f, t ? xt.f : NULL, 0, acc);
+    }
+}
+
+/* The float64 totals of a step into out[0..COLS), as metrics.range_sums reads them. MAX_ABS is
+ * max |A - B| for finite inputs; metrics.py recounts everything non-finite itself. */
+static void finish(acc_t *acc, double *out) {
+    float m = 0.0f;
+    for (int l = 0; l < LANES; l++)
+        m = acc->mx[l] > m ? acc->mx[l] : m;
+    acc->tot[N_DIFF] = (double)acc->n_diff;
+    acc->tot[MAX_ABS] = m;
+    memcpy(out, acc->tot, sizeof acc->tot);
+}
+
+static int check_code(int code) {
+    if (code < F32 || code > F64) {
+        PyErr_Format(PyExc_ValueError, "unknown dtype code %d", code);
+        return 0;
+    }
+    return 1;
+}
+
+/* sums(a, ca, b, cb, t, ct, n, step, out): row i of out (float64, COLS per row) gets the sums over
+ * elements [i*step, (i+1)*step). Addresses are integers (torch's data_ptr()); t = 0 for none. */
+static PyObject *py_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long a, b, t, out;
+    int ca, cb, ct;
+    Py_ssize_t n, step;
+    if (!PyArg_ParseTuple(args, "KiKiKinnK", &a, &ca, &b, &cb, &t, &ct, &n, &step, &out))
+        return NULL;
+    if (!check_code(ca) || !check_code(cb) || !check_code(ct))
+        return NULL;
+    if (n < 0 || step <= 0 || !a || !b || !out) {
+        PyErr_SetString(PyExc_ValueError, "sums: bad length, step or address");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    size_t i = 0;
+    for (Py_ssize_t s = 0; s < n; s += step, i++) {
+        size_t m = (size_t)(n - s < step ? n - s : step);
+        acc_t acc = {{0}, 0, {0}};
+        add_range(&acc, advance((const void *)a, ca, s), ca, advance((const void *)b, cb, s), cb,
+                  t ? advance((const void *)t, ct, s) : NULL, ct, m);
+        finish(&acc, (double *)out + i * COLS);
+    }
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+/* Fills buf with len bytes of fd from off: 0, an errno, or -1 where the file ends first. */
+static int read_full(int fd, char *buf, size_t len, off_t off) {
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pread(fd, buf + done, len - done, off + (off_t)done);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return errno;
+        if (r == 0)
+            return -1;
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+/* sums_files(fa, oa, ca, fb, ob, cb, ft, ot, ct, n, step, out, buf, piece): as sums, reading the inputs
+ * from file descriptors at byte offsets, `piece` elements at a time (a multiple of BLOCK) into buf (at
+ * least 3 * piece * 8 bytes), so each byte goes from the page cache into cache-sized buffers once and is
+ * summed there. Same operations in the same order as sums, so the same bits. ft = -1 for no T.
+ * Returns None, or (input index 0/1/2, errno or -1 for end of file) when a read fails. */
+static PyObject *py_sums_files(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd[3], code[3];
+    long long off[3];
+    Py_ssize_t n, step, piece;
+    unsigned long long out, buf;
+    if (!PyArg_ParseTuple(args, "iLiiLiiLinnKKn", &fd[0], &off[0], &code[0], &fd[1], &off[1], &code[1], &fd[2],
+                          &off[2], &code[2], &n, &step, &out, &buf, &piece))
+        return NULL;
+    int k = fd[2] >= 0 ? 3 : 2;
+    for (int i = 0; i < k; i++)
+        if (!check_code(code[i]))
+            return NULL;
+    if (n < 0 || step <= 0 || piece <= 0 || piece % BLOCK || !out || !buf) {
+        PyErr_SetString(PyExc_ValueError, "sums_files: bad length, step, piece or address");
+        return NULL;
+    }
+    int bad = -1, err = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    char *p[3];
+    for (int i = 0; i < 3; i++)
+        p[i] = (char *)buf + (size_t)i * (size_t)piece * 8;
+    size_t row = 0;
+    for (Py_ssize_t s = 0; s < n && bad < 0; s += step, row++) {
+        Py_ssize_t m = n - s < step ? n - s : step;
+        acc_t acc = {{0}, 0, {0}};
+        for (Py_ssize_t q = 0; q < m && bad < 0; q += piece) {
+            size_t c = (size_t)(m - q < piece ? m - q : piece);
+            for (int i = 0; i < k && bad < 0; i++) {
+                err = read_full(fd[i], p[i], c * WIDTH[code[i]], (off_t)(off[i] + (s + q) * (long long)WIDTH[code[i]]));
+                if (err)
+                    bad = i;
+            }
+            if (bad < 0)
+                add_range(&acc, p[0], code[0], p[1], code[1], k == 3 ? p[2] : NULL, code[2], c);
+        }
+        if (bad < 0)
+            finish(&acc, (double *)out + row * COLS);
+    }
+    Py_END_ALLOW_THREADS;
+    if (bad >= 0)
+        return Py_BuildValue("(ii)", bad, err);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"sums", py_sums, METH_VARARGS, "Per-step similarity sums of two (or three) arrays in one pass."},
+    {"sums_files", py_sums_files, METH_VARARGS, "sums, reading the arrays from files piece by piece."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && (PyModule_AddIntConstant(m, "LANES", LANES) || PyModule_AddIntConstant(m, "BLOCK", BLOCK) ||
+              PyModule_AddIntConstant(m, "COLS", COLS))) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,80 @@
+"""The compiled one-pass kernels (``_native.c``), when this installation has them.
+
+``pip install`` builds ``shadowgraft._native`` where a C compiler is present;
+the extension is optional, so an installation without it, an unusual dtype
+or a CUDA tensor falls back to the TorchScript kernels (same metrics, a
+few times slower; ``SHADOWGRAFT_NATIVE=0`` forces that, for comparison).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from . import _native
+except ImportError:  # built without a C compiler
+    _native = None
+
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+
+def available() -> bool:
+    """True when the compiled kernels are built and not switched off by ``SHADOWGRAFT_NATIVE=0``."""
+    return _native is not None and os.environ.get("SHADOWGRAFT_NATIVE", "1") != "0"
+
+
+def _fits(x: torch.Tensor | None, n: int) -> bool:
+    return x is None or (x.device.type == "cpu" and x.dtype in _CODES and x.is_contiguous() and x.numel() == n)
+
+
+def sums(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, parts: torch.Tensor, step: int) -> bool:
+    """Fill ``parts`` (float64, one row of ``metrics.COLS`` per step) as ``metrics._kernel`` does; False when it can't.
+
+    Every sum is taken in one pass over the inputs as stored; see ``_native.c``
+    for the order of operations, which is fixed (the same bits on every CPU).
+    """
+    n = a.numel()
+    if not (available() and _fits(a, n) and _fits(b, n) and _fits(t, n)):
+        return False
+    if not (parts.dtype == torch.float64 and parts.is_contiguous() and parts.shape == (-(-n // step) or 1, _native.COLS)):
+        return False
+    if n == 0:
+        return True
+    _native.sums(a.data_ptr(), _CODES[a.dtype], b.data_ptr(), _CODES[b.dtype],
+                 t.data_ptr() if t is not None else 0, _CODES[t.dtype] if t is not None else 0,
+                 n, step, parts.data_ptr())
+    return True
+
+
+# Elements read per input and piece by ``sums_files``: 256 KB of bf16, so the
+# pieces of two or three inputs stay in a core's L2 between read and sum.
+PIECE = 1 << 17
+
+
+def reads(*dtypes: torch.dtype) -> bool:
+    """True when ``sums_files`` can read inputs of these dtypes."""
+    return available() and all(d in _CODES for d in dtypes)
+
+
+def sums_files(inputs: list[tuple[int, int, torch.dtype]], n: int, step: int, parts: torch.Tensor,
+               buf: torch.Tensor) -> tuple[int, int] | None:
+    """``sums`` of 2 or 3 inputs read straight from files: ``(fd, byte offset, dtype)`` each.
+
+    Each byte is read once, ``PIECE`` elements at a time, into ``buf`` (a
+    reused buffer of at least ``scratch_bytes()``) and summed while it is in
+    cache; the bits are those of ``sums`` on the same values. Returns None, or
+    ``(input index, errno)`` of a failed read (errno -1: the file ended).
+    """
+    assert parts.dtype == torch.float64 and parts.is_contiguous() and parts.shape[0] == (-(-n // step) or 1)
+    assert buf.numel() * buf.element_size() >= scratch_bytes() and buf.is_contiguous()
+    args = []
+    for fd, off, dtype in list(inputs) + [(-1, 0, torch.float32)] * (3 - len(inputs)):
+        args += [fd, off, _CODES[dtype]]
+    return _native.sums_files(*args, n, step, parts.data_ptr(), buf.data_ptr(), PIECE)
+
+
+def scratch_bytes() -> int:
+    """Bytes of the buffer ``sums_files`` needs: one piece of three inputs of up to 8 bytes an element."""
+    return 3 * PIECE * 8

@@ -1,0 +1,164 @@
+"""The compiled one-pass kernel (``_native.c``) against float64 and against the TorchScript kernel."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sysconfig
+import threading
+
+import pytest
+import torch
+
+from shadowgraft import metrics, native
+
+built = pytest.mark.skipif(not native.available(), reason="shadowgraft._native is not built here")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def run(a, b, t=None, step=1 << 18):
+    parts = torch.zeros((-(-a.numel() // step) or 1, metrics.COLS), dtype=torch.float64)
+    assert native.sums(a, b, t, parts, step)
+    return parts
+
+
+def torch_run(a, b, t=None, step=1 << 18):
+    parts = torch.zeros((-(-a.numel() // step) or 1, metrics.COLS), dtype=torch.float64)
+    metrics._kernel(a, b, t, torch.empty(metrics.scratch_elements(a.numel(), step)), parts, step)
+    return parts
+
+
+@built
+def test_every_fp16_code_converts_as_torch_does():
+    # One element a step: row i holds |x_i| and x_i^2 of code i alone.
+    a = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    x = a.float()
+    rows = run(a, torch.zeros_like(a), step=1)
+    got, want = rows[:, metrics.ABS_A], x.abs().double()
+    same = (got == want) | (got.isnan() & want.isnan())
+    assert bool(same.all()), a[~same][:5]
+    sq = rows[:, metrics.SQ_A]
+    assert bool(((sq == (x * x).double()) | sq.isnan()).all())
+    assert int(x.isnan().sum()) == 2046 and bool((want[x.isnan()]).isnan().all())
+
+
+@built
+def test_bf16_and_f64_convert_as_torch_does():
+    g = torch.Generator().manual_seed(1)
+    f64 = torch.randn(5000, generator=g, dtype=torch.float64) * torch.logspace(-40, 30, 5000, dtype=torch.float64)
+    rows = run(f64, torch.zeros_like(f64), step=1)
+    assert torch.equal(rows[:, metrics.ABS_A], f64.float().abs().double())  # rounded to nearest even once
+    bf = torch.randn(5000, generator=g).bfloat16()
+    assert torch.equal(run(bf, torch.zeros_like(bf), step=1)[:, metrics.ABS_A], bf.float().abs().double())
+
+
+@built
+@pytest.mark.parametrize("da,db", [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float64)])
+@pytest.mark.parametrize("n", [0, 1, 7, 255, 256, 257, 100_003])
+def test_sums_against_float64(da, db, n):
+    g = torch.Generator().manual_seed(n)
+    a = (0.02 * torch.randn(n, generator=g)).to(da)
+    b = (a.double() + 4e-4 * torch.randn(n, generator=g, dtype=torch.float64)).to(db)
+    t = (a.double() + 2e-4 * torch.randn(n, generator=g, dtype=torch.float64)).to(da)
+    step = 4099
+    got = run(a, b, t, step=step)
+    # The reference: the fp32 values the kernel sees, every operation in float64.
+    A, B, T = a.float().double(), b.float().double(), t.float().double()
+    D, E = (a.float() - b.float()).double(), (t.float() - a.float()).double()  # one fp32 subtraction each
+    for i, s in enumerate(range(0, max(n, 1), step)):
+        sl = slice(s, s + step)
+        want = {
+            metrics.ABS_A: A[sl].abs().sum(), metrics.ABS_B: B[sl].abs().sum(), metrics.ABS_D: D[sl].abs().sum(),
+            metrics.SQ_A: (A[sl] ** 2).sum(), metrics.SQ_B: (B[sl] ** 2).sum(), metrics.SQ_D: (D[sl] ** 2).sum(),
+            metrics.SQ_T: (E[sl] ** 2).sum(), metrics.NEG_DOT: (E[sl] * D[sl]).sum(),
+        }
+        for col, w in want.items():
+            scale = float(A[sl].abs().sum() + B[sl].abs().sum() + T[sl].abs().sum()) if col == metrics.NEG_DOT else float(w)
+            assert abs(float(got[i, col]) - float(w)) <= 1e-6 * abs(scale) + 1e-30, (col, float(got[i, col]), float(w))
+        assert got[i, metrics.N_DIFF] == int((D[sl] != 0).sum())
+        assert got[i, metrics.MAX_ABS] == (float(D[sl].abs().max()) if D[sl].numel() else 0.0)
+    assert got.shape[0] == (-(-n // step) or 1)
+
+
+@built
+def test_native_and_torchscript_kernels_agree():
+    g = torch.Generator().manual_seed(9)
+    a = (0.02 * torch.randn(600_001, generator=g)).bfloat16()
+    b = (a.float() + 4e-4 * torch.randn(600_001, generator=g)).bfloat16()
+    t = (a.float() + 1e-4 * torch.randn(600_001, generator=g)).bfloat16()
+    x, y = run(a, b, t), torch_run(a, b, t)
+    exact = [metrics.N_DIFF, metrics.MAX_ABS]
+    assert torch.equal(x[:, exact], y[:, exact])
+    assert torch.allclose(x, y, rtol=1e-6, atol=0)
+
+
+@built
+def test_threads_run_at_once_and_get_the_same_bits():
+    # The kernel releases the GIL: four threads, each its own output, each equal to a lone run.
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2_000_000, generator=g).bfloat16(), torch.randn(2_000_000, generator=g).bfloat16()
+    lone = run(a, b)
+    outs = [None] * 4
+
+    def go(i):
+        outs[i] = run(a, b)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(torch.equal(o, lone) for o in outs)
+
+
+@built
+def test_what_it_declines(monkeypatch):
+    a = torch.ones(10)
+    parts = torch.zeros((1, metrics.COLS), dtype=torch.float64)
+    assert not native.sums(a[::2], torch.ones(5), None, parts, 1 << 18)  # not contiguous
+    assert not native.sums(torch.ones(10, dtype=torch.int32), torch.ones(10, dtype=torch.int32), None, parts, 1 << 18)
+    assert not native.sums(a, torch.ones(10), None, torch.zeros((2, metrics.COLS), dtype=torch.float64), 1 << 18)
+    monkeypatch.setenv("SHADOWGRAFT_NATIVE", "0")
+    assert not native.available() and not native.sums(a, a, None, parts, 1 << 18)
+    # range_sums then runs the TorchScript kernel and gets the same answer.
+    s, _ = metrics.range_sums(torch.tensor([1.0, -2.0, 3.0]), torch.tensor([1.0, 2.0, 0.0]))
+    assert (s.abs_a, s.abs_b, s.abs_d, s.sq_d, s.max_abs, s.n_diff) == (6, 3, 7, 25, 4, 2)
+
+
+@built
+def test_reading_files_gives_the_bits_of_summing_memory(tmp_path):
+    # Odd byte offsets, lengths that are not multiples of a piece or a block, mixed dtypes.
+    g = torch.Generator().manual_seed(4)
+    n = 3 * native.PIECE + 1000
+    a = (0.02 * torch.randn(n, generator=g)).bfloat16()
+    b = (a.float() + 4e-4 * torch.randn(n, generator=g)).to(torch.float16)
+    t = (a.float() + 1e-4 * torch.randn(n, generator=g)).bfloat16()
+    fds = []
+    for name, x, pad in (("a", a, 3), ("b", b, 7), ("t", t, 0)):
+        f = tmp_path / name
+        f.write_bytes(b"\x01" * pad + x.view(torch.uint8).numpy().tobytes())
+        fds.append((os.open(f, os.O_RDONLY), pad, x.dtype))
+    buf = torch.empty(native.scratch_bytes(), dtype=torch.uint8)
+    try:
+        for step in (1 << 18, 4099, n):
+            for inputs, mem in ((fds[:2], (a, b, None)), (fds, (a, b, t))):
+                parts = metrics.new_parts(n, step)
+                assert native.sums_files(inputs, n, step, parts, buf) is None
+                assert torch.equal(parts, run(*mem, step=step)), step
+        # A file that ends early names its input; a bad descriptor gives its errno.
+        short = metrics.new_parts(n + 10, 1 << 18)
+        assert native.sums_files([fds[0], fds[1], fds[2]], n + 10, 1 << 18, short, buf) == (0, -1)
+        assert native.sums_files([fds[0], (9999, 0, torch.float16)], n, 1 << 18, short, buf) == (1, errno.EBADF)
+    finally:
+        for fd, _, _ in fds:
+            os.close(fd)
+
+
+def test_built_wherever_a_c_compiler_is():
+    # The extension is optional so that installs without a compiler still work; with one, a failed build is a bug.
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc}) here")
+    assert native._native is not None, "shadowgraft._native did not build: run `pip install -e .` and read its output"
