@@ -101,7 +101,13 @@ def pick_tools(args) -> list[Tool]:
     import torch
 
     offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    from shadowgraft import native
+
     tools = [Tool("cpu", "shadowgraft apply (cpu)", shadowgraft_cmd("cpu"))]
+    if native.available():
+        # The same engine with the compiled kernels switched off: what they buy, in the same run.
+        tools.append(Tool("cpu-ts", "shadowgraft apply (cpu, TorchScript kernels)", shadowgraft_cmd("cpu"),
+                          env={**os.environ, "SHADOWGRAFT_NATIVE": "0"}))
     if torch.cuda.is_available():
         tools.append(Tool("cuda", "shadowgraft apply (cuda)", shadowgraft_cmd("cuda")))
     tools += [

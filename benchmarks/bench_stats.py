@@ -22,6 +22,7 @@ machine disturbs less. Peak RSS and CPU time come from ``wait4``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -126,10 +127,10 @@ def build(root: Path, shape) -> dict[str, Path]:
     return paths
 
 
-def run(cmd: list[str]) -> tuple[float, float, float]:
+def run(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds (user + system) and peak RSS (GB) of one child process."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(p.pid, 0)
     secs = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
@@ -155,7 +156,10 @@ def main() -> None:
         build(Path(args.build[0]), shape_for(args.gb, int(args.build[1])))
         return
     py = sys.executable
-    tools = ["read", "stats"] + ([] if args.no_naive else ["naive"])
+    # "stats-ts": the same command with the compiled kernel switched off (TorchScript), when it is built.
+    # find_spec, not an import: this process must not load torch (see --build).
+    built = importlib.util.find_spec("shadowgraft._native") is not None and os.environ.get("SHADOWGRAFT_NATIVE") != "0"
+    tools = ["read", "stats"] + (["stats-ts"] if built else []) + ([] if args.no_naive else ["naive"])
     results: dict[tuple[str, int], tuple[float, float, float]] = {}
     size: dict[int, int] = {}
     sigma: dict[tuple[str, int], float] = {}
@@ -168,20 +172,28 @@ def main() -> None:
         cmds = {
             "read": [py, "-c", READ, a, b],
             "stats": [py, "-c", STATS, "stats", a, b, "--json", str(root / "stats.json"), "--quiet"],
+            "stats-ts": [py, "-c", STATS, "stats", a, b, "--json", str(root / "stats-ts.json"), "--quiet"],
             "naive": [py, "-c", NAIVE, a, b, str(root / "naive.json")],
         }
         run(cmds["read"])  # warm the page cache so every tool reads from memory
+        runs: dict[str, list] = {tool: [] for tool in tools}
+        for _ in range(args.repeat):
+            # Round robin, so a burst of load from elsewhere hits every tool alike.
+            for tool in tools:
+                env = {**os.environ, "SHADOWGRAFT_NATIVE": "0"} if tool == "stats-ts" else None
+                runs[tool].append(run(cmds[tool], env))
         for tool in tools:
-            runs = [run(cmds[tool]) for _ in range(args.repeat)]
             # Fastest wall time, least CPU time and smallest peak, each over the repeats.
-            results[(tool, mult)] = tuple(min(r[k] for r in runs) for k in range(3))
-        sigma[("stats", mult)] = json.loads((root / "stats.json").read_text())["summary"]["sigma_mean"]
+            results[(tool, mult)] = tuple(min(r[k] for r in runs[tool]) for k in range(3))
+        for tool in ("stats", "stats-ts"):
+            if tool in tools:
+                sigma[(tool, mult)] = json.loads((root / f"{tool}.json").read_text())["summary"]["sigma_mean"]
         if "naive" in tools:
             sigma[("naive", mult)] = json.loads((root / "naive.json").read_text())["sigma_mean"]
     d_bytes = size[4] - size[1]
     print(f"\nLlama-shaped bf16 pair: {size[1] / 1e9:.2f} GB (1x) and {size[4] / 1e9:.2f} GB (4x) of input; "
           f"{os.cpu_count()} CPU(s); best of {args.repeat}; marginal = 4x minus 1x")
-    print(f"{'tool':<7}{'1x s':>7}{'4x s':>7}{'GB/s':>7}{'vs read':>9}{'CPU 1x':>8}{'CPU 4x':>8}{'CPU s/GB':>10}{'vs read':>9}"
+    print(f"{'tool':<9}{'1x s':>7}{'4x s':>7}{'GB/s':>7}{'vs read':>9}{'CPU 1x':>8}{'CPU 4x':>8}{'CPU s/GB':>10}{'vs read':>9}"
           f"{'RSS 1x':>9}{'RSS 4x':>9}")
     margin: dict[str, tuple[float, float]] = {}
     for tool in tools:
@@ -196,8 +208,12 @@ def main() -> None:
             # Wall time as throughput (GB/s), CPU time as its cost (CPU seconds per GB), both at the margin.
             rate = f"{d_bytes / dt / 1e9:.2f}" if k == 0 else f"{dt / (d_bytes / 1e9):.3f}"
             cells += [rate, f"{dt / floor:.2f}x"] if dt > 0 and floor > 0 else ["noisy", "-"]
-        print(f"{tool:<7}{t1:>7.2f}{t4:>7.2f}{cells[0]:>7}{cells[1]:>9}{c1:>8.2f}{c4:>8.2f}{cells[2]:>10}{cells[3]:>9}"
+        print(f"{tool:<9}{t1:>7.2f}{t4:>7.2f}{cells[0]:>7}{cells[1]:>9}{c1:>8.2f}{c4:>8.2f}{cells[2]:>10}{cells[3]:>9}"
               f"{m1:>6.2f} GB{m4:>6.2f} GB")
+    if "stats-ts" in tools:
+        for mult in (1, 4):
+            s, n = sigma[("stats", mult)], sigma[("stats-ts", mult)]
+            print(f"sigma_mean {mult}x: compiled kernel {s:.10f}, TorchScript {n:.10f} (rel. diff {abs(s - n) / abs(n):.1e})")
     if "naive" in tools:
         for k, what in ((0, "wall"), (1, "CPU")):
             if margin["stats"][k] > 0:

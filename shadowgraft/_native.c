@@ -210,6 +210,76 @@ static PyObject *py_sums(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* fp32 to bf16 as torch rounds it: to nearest even, every NaN to 0xffff. */
+static inline uint16_t bf16_round(uint32_t u) {
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? 0xffffu : (uint16_t)r;
+}
+
+/* out[i] = bf16(x[i] + alpha * (t[i] - b[i])) over one block of 16-bit inputs, each operation an IEEE fp32
+ * operation in the order fused.py performs them (no fused multiply-add, alpha rounded to fp32, the product
+ * skipped for alpha 1), so the bits are the TorchScript kernel's. Returns how many outputs are NaN or Inf. */
+static inline __attribute__((always_inline)) int graft_block(const block_t *x, const block_t *b, const block_t *t,
+                                                             float alpha, int scaled, uint16_t *out, size_t m) {
+    int bad = 0;
+    for (size_t i = 0; i < m; i++) {
+        float d = b ? t->f[i] - b->f[i] : t->f[i];
+        float acc = x->f[i] + (scaled ? d * alpha : d);
+        union {
+            float f;
+            uint32_t u;
+        } v = {acc};
+        uint16_t o = bf16_round(v.u);
+        out[i] = o;
+        bad += (o & 0x7f80u) == 0x7f80u;
+    }
+    return bad;
+}
+
+CLONES static int64_t graft_range(const void *x, int cx, const void *b, int cb, const void *t, int ct, size_t n,
+                                  float alpha, uint16_t *out) {
+    block_t xx, bb, tt;
+    int64_t bad = 0;
+    int scaled = alpha != 1.0f;
+    for (size_t s = 0; s < n; s += BLOCK) {
+        size_t m = n - s < BLOCK ? n - s : BLOCK;
+        load_block(&xx, advance(x, cx, s), cx, m);
+        if (b)
+            load_block(&bb, advance(b, cb, s), cb, m);
+        load_block(&tt, advance(t, ct, s), ct, m);
+        bad += graft_block(&xx, b ? &bb : NULL, &tt, alpha, scaled, out + s, m);
+    }
+    return bad;
+}
+
+/* graft(x, cx, b, cb, t, ct, n, alpha, out): the plain graft of n elements into bf16 `out`; b = 0 when `t` is
+ * already the change. Inputs bf16 or fp16 (the working dtype is then fp32). Returns the NaN/Inf count. */
+static PyObject *py_graft(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, b, t, out;
+    int cx, cb, ct;
+    Py_ssize_t n;
+    double alpha;
+    if (!PyArg_ParseTuple(args, "KiKiKindK", &x, &cx, &b, &cb, &t, &ct, &n, &alpha, &out))
+        return NULL;
+    int codes[3] = {cx, b ? cb : BF16, ct};
+    for (int i = 0; i < 3; i++)
+        if (codes[i] != BF16 && codes[i] != F16) {
+            PyErr_SetString(PyExc_ValueError, "graft: inputs must be bf16 or fp16");
+            return NULL;
+        }
+    if (n < 0 || !x || !t || !out) {
+        PyErr_SetString(PyExc_ValueError, "graft: bad length or address");
+        return NULL;
+    }
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS;
+    bad = graft_range((const void *)x, cx, b ? (const void *)b : NULL, cb, (const void *)t, ct, (size_t)n, (float)alpha,
+                      (uint16_t *)out);
+    Py_END_ALLOW_THREADS;
+    return PyLong_FromLongLong(bad);
+}
+
 /* Fills buf with len bytes of fd from off: 0, an errno, or -1 where the file ends first. */
 static int read_full(int fd, char *buf, size_t len, off_t off) {
     size_t done = 0;
@@ -279,6 +349,7 @@ static PyObject *py_sums_files(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"sums", py_sums, METH_VARARGS, "Per-step similarity sums of two (or three) arrays in one pass."},
     {"sums_files", py_sums_files, METH_VARARGS, "sums, reading the arrays from files piece by piece."},
+    {"graft", py_graft, METH_VARARGS, "The plain graft of bf16/fp16 inputs into bf16, in one pass."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import fp8, fused
+from . import fp8, fused, native
 from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
 from .header import DTYPE_BITS, TensorInfo
@@ -233,6 +233,10 @@ class Engine:
         host_out = r.raw(f"out.{j}@{op.slot}", m * (DTYPE_BITS[it.dtype] // 8)).view(torch_dtype(it.dtype))
         wd = torch.float64 if wants_float64(it) else torch.float32
         base = self._in(op, it.base) if it.base is not None else None
+        bad = native.graft(self._in(op, it.src), base, self._in(op, it.terms[0]), it.alpha, host_out)
+        if bad is not None:
+            self._bad[j] += bad
+            return host_out
         check = fused.graft_kernel()(self._in(op, it.src), base, self._in(op, it.terms[0]), float(it.alpha), host_out,
                                      r.work("fused", 3 * m, wd).view(3, m),
                                      wd == torch.float32 and it.dtype in ("BF16", "F32"))

@@ -78,3 +78,21 @@ def sums_files(inputs: list[tuple[int, int, torch.dtype]], n: int, step: int, pa
 def scratch_bytes() -> int:
     """Bytes of the buffer ``sums_files`` needs: one piece of three inputs of up to 8 bytes an element."""
     return 3 * PIECE * 8
+
+
+def graft(x: torch.Tensor, base: torch.Tensor | None, term: torch.Tensor, alpha: float, out: torch.Tensor) -> int | None:
+    """``fused._graft`` in one pass, for bf16/fp16 inputs and a bf16 output on the CPU: the NaN/Inf count, or None.
+
+    The same fp32 operations in the same order as the TorchScript kernel,
+    the output rounded as torch rounds (NaN to 0xffff), so the same bits.
+    """
+    n = out.numel()
+    ok = available() and out.dtype == torch.bfloat16 and out.is_contiguous() and out.device.type == "cpu"
+    if not ok or not all(v is None or (_fits(v, n) and v.dtype in _HALF) for v in (x, base, term)):
+        return None
+    return _native.graft(x.data_ptr(), _CODES[x.dtype], base.data_ptr() if base is not None else 0,
+                         _CODES[base.dtype] if base is not None else 0, term.data_ptr(), _CODES[term.dtype], n,
+                         float(alpha), out.data_ptr())
+
+
+_HALF = frozenset({torch.bfloat16, torch.float16})

@@ -109,6 +109,27 @@ class Reader:
         return self._owner[info.file].fd(info.file)
 
     def advise(self, *infos: TensorInfo) -> None:
-        """Ask the kernel to start reading these tensors now (read-ahead while we compute)."""
+        """Ask the kernel to start reading these tensors now (read-ahead while we compute), unless they are cached."""
         for info in infos:
-            os.posix_fadvise(self.fd(info), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+            fd = self.fd(info)
+            if not _cached(fd, info):
+                os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+
+
+_PROBE = bytearray(1)
+
+
+def _cached(fd: int, info: TensorInfo) -> bool:
+    """Whether the first, middle and last byte of ``info`` are in the page cache (a read that may not wait).
+
+    Advising a cached tensor walks its pages for nothing: 6% of a warm
+    ``stats`` run's CPU time (measured). Three probes can miss a hole in
+    the middle; then read-ahead only starts later, nothing goes wrong.
+    """
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None or info.nbytes == 0:
+        return False
+    try:
+        return all(os.preadv(fd, [_PROBE], info.start + k * (info.nbytes - 1) // 2, flag) == 1 for k in range(3))
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a file system without RWF_NOWAIT
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import sysconfig
@@ -162,3 +163,36 @@ def test_built_wherever_a_c_compiler_is():
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler ({cc}) here")
     assert native._native is not None, "shadowgraft._native did not build: run `pip install -e .` and read its output"
+
+
+@built
+@pytest.mark.parametrize("alpha", [1.0, 0.5, -1.3, 3.7, 1e-3, 0.1])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 3, (torch.float16,) * 3, (torch.bfloat16, torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_graft_gives_the_torchscript_kernels_bits(alpha, dtypes, with_base):
+    from shadowgraft import fused
+
+    n = 50_003
+    g = torch.Generator().manual_seed(11)
+    b64 = torch.randn(n, generator=g, dtype=torch.float64)
+    # Several scales, so that the rounding of the subtraction and of the sum both matter; and every special value.
+    x64 = b64 + torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-6, 1, (n,), generator=g)
+    t64 = b64 + torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-6, 1, (n,), generator=g)
+    x64[:6] = torch.tensor([math.nan, math.inf, -math.inf, 3.3e38, -3.3e38, 0.0], dtype=torch.float64)
+    t64[6:9] = torch.tensor([math.nan, math.inf, 6e4], dtype=torch.float64)
+    x, b, t = (v.to(d) for v, d in zip((x64, b64, t64), dtypes))
+    base = b if with_base else None
+    out = torch.empty(n, dtype=torch.bfloat16)
+    bad = native.graft(x, base, t, alpha, out)
+    want = torch.empty(n, dtype=torch.bfloat16)
+    fused._graft(x, base, t, alpha, want, torch.empty(3, n), True)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    assert bad == int((~torch.isfinite(want)).sum()) and bad >= 5
+
+
+@built
+def test_graft_declines_what_it_does_not_compute():
+    x = torch.ones(8, dtype=torch.bfloat16)
+    assert native.graft(x, x, x, 1.0, torch.empty(8, dtype=torch.float16)) is None  # fp16 output
+    assert native.graft(x.float(), x, x, 1.0, torch.empty(8, dtype=torch.bfloat16)) is None  # fp32 input: float64 math
+    assert native.graft(x, x, x[::2], 1.0, torch.empty(8, dtype=torch.bfloat16)) is None  # lengths differ
