@@ -162,6 +162,8 @@ def test_built_wherever_a_c_compiler_is():
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler ({cc}) here")
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        pytest.skip("no Python headers here")
     assert native._native is not None, "shadowgraft._native did not build: run `pip install -e .` and read its output"
 
 
