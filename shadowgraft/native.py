@@ -18,6 +18,7 @@ except ImportError:  # built without a C compiler
     _native = None
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_HALF = frozenset({torch.bfloat16, torch.float16})
 
 
 def available() -> bool:
@@ -36,9 +37,7 @@ def sums(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, parts: torch.
     for the order of operations, which is fixed (the same bits on every CPU).
     """
     n = a.numel()
-    if not (available() and _fits(a, n) and _fits(b, n) and _fits(t, n)):
-        return False
-    if not (parts.dtype == torch.float64 and parts.is_contiguous() and parts.shape == (-(-n // step) or 1, _native.COLS)):
+    if not (available() and _fits(a, n) and _fits(b, n) and _fits(t, n) and _table(parts, n, step)):
         return False
     if n == 0:
         return True
@@ -51,6 +50,12 @@ def sums(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, parts: torch.
 # Elements read per input and piece by ``sums_files``: 256 KB of bf16, so the
 # pieces of two or three inputs stay in a core's L2 between read and sum.
 PIECE = 1 << 17
+
+
+def _table(parts: torch.Tensor, n: int, step: int) -> bool:
+    """``parts`` is the float64 table of one row per step a kernel fills (``metrics.new_parts``)."""
+    return (step > 0 and parts.dtype == torch.float64 and parts.device.type == "cpu" and parts.is_contiguous()
+            and tuple(parts.shape) == (-(-n // step) or 1, _native.COLS))
 
 
 def reads(*dtypes: torch.dtype) -> bool:
@@ -67,8 +72,9 @@ def sums_files(inputs: list[tuple[int, int, torch.dtype]], n: int, step: int, pa
     cache; the bits are those of ``sums`` on the same values. Returns None, or
     ``(input index, errno)`` of a failed read (errno -1: the file ended).
     """
-    assert parts.dtype == torch.float64 and parts.is_contiguous() and parts.shape[0] == (-(-n // step) or 1)
-    assert buf.numel() * buf.element_size() >= scratch_bytes() and buf.is_contiguous()
+    # The kernel writes one row per step and a piece per input into these: their sizes are checked here.
+    if not (_table(parts, n, step) and buf.is_contiguous() and buf.numel() * buf.element_size() >= scratch_bytes()):
+        raise ValueError(f"sums_files: parts must be float64 ({-(-n // step) or 1}, COLS), buf {scratch_bytes()} bytes")
     args = []
     for fd, off, dtype in list(inputs) + [(-1, 0, torch.float32)] * (3 - len(inputs)):
         args += [fd, off, _CODES[dtype]]
@@ -90,9 +96,9 @@ def graft(x: torch.Tensor, base: torch.Tensor | None, term: torch.Tensor, alpha:
     ok = available() and out.dtype == torch.bfloat16 and out.is_contiguous() and out.device.type == "cpu"
     if not ok or not all(v is None or (_fits(v, n) and v.dtype in _HALF) for v in (x, base, term)):
         return None
+    if n == 0:
+        return 0
     return _native.graft(x.data_ptr(), _CODES[x.dtype], base.data_ptr() if base is not None else 0,
                          _CODES[base.dtype] if base is not None else 0, term.data_ptr(), _CODES[term.dtype], n,
                          float(alpha), out.data_ptr())
 
-
-_HALF = frozenset({torch.bfloat16, torch.float16})

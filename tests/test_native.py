@@ -198,3 +198,17 @@ def test_graft_declines_what_it_does_not_compute():
     assert native.graft(x, x, x, 1.0, torch.empty(8, dtype=torch.float16)) is None  # fp16 output
     assert native.graft(x.float(), x, x, 1.0, torch.empty(8, dtype=torch.bfloat16)) is None  # fp32 input: float64 math
     assert native.graft(x, x, x[::2], 1.0, torch.empty(8, dtype=torch.bfloat16)) is None  # lengths differ
+
+
+@built
+def test_tables_of_the_wrong_size_are_refused_before_the_kernel_writes():
+    a = torch.ones(10, dtype=torch.bfloat16)
+    assert not native.sums(a, a, None, torch.zeros((1, metrics.COLS - 1), dtype=torch.float64), 1 << 18)
+    assert not native.sums(a, a, None, torch.zeros((1, metrics.COLS), dtype=torch.float32), 1 << 18)
+    buf = torch.empty(native.scratch_bytes(), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="sums_files"):
+        native.sums_files([(0, 0, torch.bfloat16)] * 2, 10, 4, metrics.new_parts(10, 8), buf)
+    with pytest.raises(ValueError, match="sums_files"):
+        native.sums_files([(0, 0, torch.bfloat16)] * 2, 10, 4, metrics.new_parts(10, 4), buf[:100])
+    empty = torch.empty(0, dtype=torch.bfloat16)
+    assert native.graft(empty, empty, empty, 1.0, torch.empty(0, dtype=torch.bfloat16)) == 0
