@@ -216,7 +216,7 @@ static inline uint16_t bf16_round(uint32_t u) {
     return (u & 0x7fffffffu) > 0x7f800000u ? 0xffffu : (uint16_t)r;
 }
 
-/* out[i] = bf16(x[i] + alpha * (t[i] - b[i])) over one block of 16-bit inputs, each operation an IEEE fp32
+/* out[i] = bf16(x[i] + alpha * (t[i] - b[i])) over one block of inputs widened to fp32, each operation an IEEE fp32
  * operation in the order fused.py performs them (no fused multiply-add, alpha rounded to fp32, the product
  * skipped for alpha 1), so the bits are the TorchScript kernel's. Returns how many outputs are NaN or Inf. */
 static inline __attribute__((always_inline)) int graft_block(const block_t *x, const block_t *b, const block_t *t,
@@ -253,7 +253,8 @@ CLONES static int64_t graft_range(const void *x, int cx, const void *b, int cb, 
 }
 
 /* graft(x, cx, b, cb, t, ct, n, alpha, out): the plain graft of n elements into bf16 `out`; b = 0 when `t` is
- * already the change. Inputs bf16 or fp16 (the working dtype is then fp32). Returns the NaN/Inf count. */
+ * already the change. Inputs bf16, fp16 or fp32, the arithmetic fp32: the engine calls it only where its
+ * working dtype is fp32 (16-bit inputs, or an fp32 stored delta of a 16-bit model). Returns the NaN/Inf count. */
 static PyObject *py_graft(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x, b, t, out;
@@ -264,8 +265,8 @@ static PyObject *py_graft(PyObject *self, PyObject *args) {
         return NULL;
     int codes[3] = {cx, b ? cb : BF16, ct};
     for (int i = 0; i < 3; i++)
-        if (codes[i] != BF16 && codes[i] != F16) {
-            PyErr_SetString(PyExc_ValueError, "graft: inputs must be bf16 or fp16");
+        if (codes[i] != BF16 && codes[i] != F16 && codes[i] != F32) {
+            PyErr_SetString(PyExc_ValueError, "graft: inputs must be bf16, fp16 or fp32");
             return NULL;
         }
     if (n < 0 || !x || !t || !out) {

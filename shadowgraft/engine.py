@@ -234,9 +234,8 @@ class Engine:
                 and all(i.dtype in fused.DTYPES for i in it.inputs))
 
     def _native(self, it: Item) -> bool:
-        """A plain graft the compiled kernel computes (``native.graft``): 16-bit inputs, a bf16 output."""
-        return (self._fusable(it) and native.available() and it.dtype == "BF16"
-                and all(i.dtype in ("BF16", "F16") for i in it.inputs))
+        """A plain graft the compiled kernel computes (``native.graft``): fp32 working dtype, a bf16 output."""
+        return self._fusable(it) and native.available() and it.dtype == "BF16" and not wants_float64(it)
 
     def _fused(self, op: _Op, j: int, it: Item) -> torch.Tensor:
         """``_compute_one`` for a plain graft, as one TorchScript call: the same operations, the same bits."""
@@ -244,7 +243,9 @@ class Engine:
         host_out = r.raw(f"out.{j}@{op.slot}", m * (DTYPE_BITS[it.dtype] // 8)).view(torch_dtype(it.dtype))
         wd = torch.float64 if wants_float64(it) else torch.float32
         base = self._in(op, it.base) if it.base is not None else None
-        bad = native.graft(self._in(op, it.src), base, self._in(op, it.terms[0]), it.alpha, host_out)
+        bad = None
+        if wd == torch.float32:
+            bad = native.graft(self._in(op, it.src), base, self._in(op, it.terms[0]), it.alpha, host_out)
         if bad is not None:
             self._bad[j] += bad
             return host_out

@@ -10,10 +10,11 @@ What differs: the function is TorchScript, so it runs without taking the GIL
 between ops and several compute workers really run at once, with no Python
 between its ops; and the check for NaN/Inf costs one cheap pass.
 
-Where the compiled kernels are built (``native.py``), a bf16 output from
-bf16/fp16 inputs (the usual checkpoint) is computed there instead, in one
-pass over memory and with the same bits (tested); this function remains
-for fp16 and fp32 outputs, fp32 inputs, and installations without them.
+Where the compiled kernels are built (``native.py``), a bf16 output with
+an fp32 working dtype (a bf16 model, or its stored fp32 delta) is computed
+there instead, in one pass over memory and with the same bits (tested);
+this function remains for fp16 and fp32 outputs, fp32 models, and
+installations without them.
 
 Splitting a chunk into steps small enough to stay in L2 between the
 passes measured slower on the 2-core development machine (AMD EPYC, 1 MB

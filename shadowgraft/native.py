@@ -18,7 +18,7 @@ except ImportError:  # built without a C compiler
     _native = None
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-_HALF = frozenset({torch.bfloat16, torch.float16})
+_GRAFT = frozenset({torch.bfloat16, torch.float16, torch.float32})
 
 
 def available() -> bool:
@@ -87,14 +87,16 @@ def scratch_bytes() -> int:
 
 
 def graft(x: torch.Tensor, base: torch.Tensor | None, term: torch.Tensor, alpha: float, out: torch.Tensor) -> int | None:
-    """``fused._graft`` in one pass, for bf16/fp16 inputs and a bf16 output on the CPU: the NaN/Inf count, or None.
+    """``fused._graft`` with an fp32 working dtype in one pass, into a bf16 output on the CPU: the NaN/Inf count, or None.
 
     The same fp32 operations in the same order as the TorchScript kernel,
     the output rounded as torch rounds (NaN to 0xffff), so the same bits.
+    Inputs bf16, fp16 or fp32; the caller decides that fp32 is the working
+    dtype (the engine's ``wants_float64`` says when it is not).
     """
     n = out.numel()
     ok = available() and out.dtype == torch.bfloat16 and out.is_contiguous() and out.device.type == "cpu"
-    if not ok or not all(v is None or (_fits(v, n) and v.dtype in _HALF) for v in (x, base, term)):
+    if not ok or not all(v is None or (_fits(v, n) and v.dtype in _GRAFT) for v in (x, base, term)):
         return None
     if n == 0:
         return 0

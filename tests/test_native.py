@@ -169,7 +169,8 @@ def test_built_wherever_a_c_compiler_is():
 
 @built
 @pytest.mark.parametrize("alpha", [1.0, 0.5, -1.3, 3.7, 1e-3, 0.1])
-@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 3, (torch.float16,) * 3, (torch.bfloat16, torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 3, (torch.float16,) * 3, (torch.bfloat16, torch.float16, torch.bfloat16),
+                                    (torch.bfloat16, torch.bfloat16, torch.float32)])  # the last: an fp32 stored delta
 @pytest.mark.parametrize("with_base", [True, False])
 def test_graft_gives_the_torchscript_kernels_bits(alpha, dtypes, with_base):
     from shadowgraft import fused
@@ -196,7 +197,7 @@ def test_graft_gives_the_torchscript_kernels_bits(alpha, dtypes, with_base):
 def test_graft_declines_what_it_does_not_compute():
     x = torch.ones(8, dtype=torch.bfloat16)
     assert native.graft(x, x, x, 1.0, torch.empty(8, dtype=torch.float16)) is None  # fp16 output
-    assert native.graft(x.float(), x, x, 1.0, torch.empty(8, dtype=torch.bfloat16)) is None  # fp32 input: float64 math
+    assert native.graft(x.double(), x, x, 1.0, torch.empty(8, dtype=torch.bfloat16)) is None  # fp64 input
     assert native.graft(x, x, x[::2], 1.0, torch.empty(8, dtype=torch.bfloat16)) is None  # lengths differ
 
 
@@ -212,3 +213,23 @@ def test_tables_of_the_wrong_size_are_refused_before_the_kernel_writes():
         native.sums_files([(0, 0, torch.bfloat16)] * 2, 10, 4, metrics.new_parts(10, 4), buf[:100])
     empty = torch.empty(0, dtype=torch.bfloat16)
     assert native.graft(empty, empty, empty, 1.0, torch.empty(0, dtype=torch.bfloat16)) == 0
+
+
+@built
+def test_the_engine_grafts_bf16_models_and_their_stored_deltas_here(tmp_path, monkeypatch):
+    import shadowgraft
+    from shadowgraft.diff import diff
+    from shadowgraft.synthetic import make_trio
+
+    trio = make_trio(tmp_path / "in", dtype=torch.bfloat16)
+    terms = []
+    real = native.graft
+    monkeypatch.setattr(native, "graft", lambda *a: terms.append(a[2].dtype) or real(*a))
+    shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "full")
+    assert terms and set(terms) == {torch.bfloat16}
+    terms.clear()
+    diff(base=trio["base"], tuned=trio["tuned"], output=tmp_path / "delta")
+    shadowgraft.apply(instruct=trio["instruct"], delta=tmp_path / "delta", output=tmp_path / "via")
+    # The stored delta is fp32 (the working dtype of a bf16 graft), and the output the same bytes.
+    assert terms and set(terms) == {torch.float32}
+    assert (tmp_path / "full" / "model.safetensors").read_bytes() == (tmp_path / "via" / "model.safetensors").read_bytes()
