@@ -6,15 +6,14 @@ is upcast into reused work buffers, combined in place, rounded once to the
 output dtype and written straight to the shard. Untouched tensors never
 enter Python: their byte ranges are copied by the kernel.
 
-Three stages overlap, joined by small bounded queues: one thread reads
-chunks ahead, a compute worker turns each into output, and one thread
-writes the computed chunks in file order. Where computing is the stage that
-binds (it costs more CPU than its share of the cores), helper workers, up
-to one per core, take chunks too. The GIL is released in every syscall and
-torch kernel, and the common graft runs as one TorchScript call
-(``fused.py``), so the stages really run at once; on CUDA one compute stage
-uploads from pinned buffers and downloads into pinned buffers, and the
-writer waits on an event before writing.
+Reading, computing and writing overlap on their own threads (``stages.py``,
+which also starts helper compute workers where computing binds); this
+module says what each stage does to a chunk. The GIL is released in every
+syscall and torch kernel, the common graft runs in the compiled kernel
+(``native.py``) or as one TorchScript call (``fused.py``), so the stages
+really run at once; on CUDA one compute stage uploads from pinned buffers
+and downloads into pinned buffers, and the writer waits on an event before
+writing.
 """
 
 from __future__ import annotations
@@ -23,16 +22,14 @@ import gc
 import math
 import os
 from contextlib import nullcontext
-import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from . import fp8, fused, native
+from . import fp8, fused, native, stages
 from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
 from .header import DTYPE_BITS, TensorInfo
@@ -41,23 +38,10 @@ from .plan import Item
 from .shards import Shard
 from .fileio import copy_range, preallocate, pwrite_all, write_all
 from .lora_rows import LoraRows
+from .stages import default_workers
 from .stream import CHUNK, Reader
 from .writer import shard_header
 
-# Buffer sets in flight between stages: one being filled, one being
-# computed, one being written. More does not help on a warm page cache
-# (5 measured 5-10% slower than 3 on the 2-core development machine: the
-# buffers a chunk touches fall out of the core's cache); each helper
-# compute worker adds two.
-DEPTH = 3
-# A helper compute worker starts once BACKLOG chunks wait for compute (all
-# the slots but the one being computed: the reader can get no further ahead)
-# and computing costs more than HELP times the cores' fair share of all
-# three stages (see _pipeline).
-BACKLOG = DEPTH - 1
-HELP = 1.2
-# Compute workers at most: memory bandwidth, not cores, limits beyond this.
-MAX_WORKERS = 8
 # Chunks of this many times the chunk size where the compiled kernel computes
 # (one pass, so its data need not stay in cache between torch ops): fewer
 # hand-offs between the stages. A 3.2 GB bf16 graft on the 2-core AMD
@@ -463,120 +447,20 @@ class Engine:
         return self.workers or default_workers()
 
     def _pipeline(self, ops: Iterator[_Op], fds: list[int], workers: int = 1) -> None:
-        """Read ahead on one thread, compute on this one and up to ``workers - 1`` helpers, write in order on one."""
-        free: queue.Queue[int] = queue.Queue()
-        for s in range(DEPTH):
-            free.put(s)
-        slots = DEPTH
-        to_compute: queue.Queue = queue.Queue(DEPTH + 2 * (workers - 1))
-        # Unbounded, but every chunk in it holds one of the slots.
-        to_write: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        errors: list[BaseException] = []
-        helpers: list[threading.Thread] = []  # started by the reader, joined here
+        """The three stages (``stages.run``) over ``ops``: read ahead, compute here and on helpers, write in order."""
 
-        def put(q: queue.Queue, x) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(x, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+        def read(op: _Op) -> None:
+            if op.kind == "chunk":
+                self._read(op)
+            elif op.kind == "copy":
+                # Counted by the reader, so that only its thread adds to bytes_read.
+                self.stats.bytes_read += op.nbytes
 
-        def get(q: queue.Queue):
-            while not stop.is_set():
-                try:
-                    return q.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-            return None
+        def write(op: _Op) -> None:
+            self._write(op, fds)
+            if op.kind == "chunk":
+                self._account(op)
 
-        def guarded(stage: Callable[[], None]) -> Callable[[], None]:
-            def run() -> None:
-                try:
-                    stage()
-                except BaseException as e:  # handed to the caller's thread
-                    errors.append(e)
-                    stop.set()
-            return run
-
-        def help_wanted() -> bool:
-            # Chunks queue up for compute, and compute is the stage that
-            # binds: it costs more CPU than the cores' fair share of all
-            # three stages. Otherwise a helper only takes CPU time from the
-            # reader and writer: on the 2-core development machine, where
-            # reading and writing cost as much as computing, a second worker
-            # made grafts 10% slower, and even one merely waiting for work
-            # cost 5-8%, so helpers start only once they are wanted.
-            r, c, w = self._cost
-            return to_compute.qsize() >= BACKLOG and c > HELP * (r + c + w) / workers
-
-        def reader() -> None:
-            nonlocal slots
-            self.reader.bind("reader")
-            for seq, op in enumerate(ops):
-                op.seq = seq
-                if op.kind == "chunk":
-                    slot = get(free)
-                    if slot is None:
-                        return
-                    op.slot = slot
-                    t0 = time.thread_time()
-                    self._read(op)
-                    self._cost[0] += time.thread_time() - t0
-                elif op.kind == "copy":
-                    # Counted here, so that only this thread adds to bytes_read.
-                    self.stats.bytes_read += op.nbytes
-                if not put(to_compute, op):
-                    return
-                if len(helpers) < workers - 1 and help_wanted():
-                    # Two more slots: the chunk the helper computes, and one
-                    # done early that waits for an earlier one to be written.
-                    for _ in range(2):
-                        free.put(slots)
-                        slots += 1
-                    helpers.append(threading.Thread(target=guarded(lambda w=len(helpers) + 1: compute(w)), daemon=True))
-                    helpers[-1].start()
-            for _ in range(1 + len(helpers)):
-                put(to_compute, _END)
-
-        def compute(worker: int) -> None:
-            # Each shard's pipeline has new threads; buffers stay with the stage.
-            self.reader.bind(f"compute{worker}")
-            with torch.cuda.stream(self._stream) if self.cuda else nullcontext():
-                while True:
-                    op = get(to_compute)
-                    if op is None or op is _END:
-                        return
-                    if op.kind == "chunk":
-                        t0 = time.thread_time()
-                        self._compute(op)
-                        # Not atomic across workers: a rare lost update only blurs the estimate.
-                        self._cost[1] += time.thread_time() - t0
-                    if not put(to_write, op):
-                        return
-
-        def writer() -> None:
-            # Workers finish chunks out of order; they are written in file order.
-            done: dict[int, _Op] = {}
-            nxt = 0
-            while True:
-                op = get(to_write)
-                if op is None or op is _DONE:
-                    return
-                done[op.seq] = op
-                while nxt in done:
-                    op = done.pop(nxt)
-                    nxt += 1
-                    t0 = time.thread_time()
-                    self._write(op, fds)
-                    self._cost[2] += time.thread_time() - t0
-                    if op.kind == "chunk":
-                        self._account(op)
-                        free.put(op.slot)
-
-        threads = [threading.Thread(target=guarded(f), daemon=True) for f in (reader, writer)]
         saved = torch.get_num_threads()
         # Parallel chunks scale with the cores where torch's own per-op
         # threads sync every few microseconds on chunk-sized ops, so each
@@ -589,47 +473,14 @@ class Engine:
         froze = gc.get_freeze_count() == 0
         if froze:
             gc.freeze()
-        for t in threads:
-            t.start()
         try:
-            compute(0)
-            # Every helper was started before the reader queued the first _END.
-            for t in helpers:
-                t.join()
-            put(to_write, _DONE)
-        except BaseException:
-            stop.set()
-            raise
+            stages.run(ops, read=read, compute=self._compute, write=write, bind=self.reader.bind,
+                       context=lambda: torch.cuda.stream(self._stream) if self.cuda else nullcontext(),
+                       cost=self._cost, workers=workers)
         finally:
-            for t in threads + helpers:
-                t.join() if not stop.is_set() else t.join(timeout=5)
-            stop.set()
             torch.set_num_threads(saved)
             if froze:
                 gc.unfreeze()
-        if errors:
-            raise errors[0]
-
-_DONE = object()  # to the writer: every op has been computed
-_END = object()  # to a compute worker: no more ops
-
-
-def default_workers() -> int:
-    """Compute workers on the CPU: one per CPU this process may run on, at most ``MAX_WORKERS``.
-
-    Logical CPUs, not torch's count of physical cores: on a 2-vCPU machine
-    whose vCPUs are one core's two hyperthreads, torch counts one, and the
-    second worker still fills the time the first spends waiting.
-    ``OMP_NUM_THREADS``, when set, caps it, as it caps torch.
-    """
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if cap.isdigit() and int(cap) > 0:
-        n = min(n, int(cap))
-    return max(1, min(MAX_WORKERS, n))
 
 
 def _add_scaled(acc: torch.Tensor, x: torch.Tensor, alpha: float, scratch: torch.Tensor) -> None:

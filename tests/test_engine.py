@@ -91,9 +91,9 @@ def _shuffled(monkeypatch, seed=0) -> set:
     import threading
     import time
 
-    from shadowgraft import engine
+    from shadowgraft import stages
 
-    monkeypatch.setattr(engine, "HELP", 0.0)
+    monkeypatch.setattr(stages, "HELP", 0.0)
     rng = random.Random(seed)
     real = Engine._compute
     who = set()
@@ -228,20 +228,6 @@ def test_no_space_for_the_output_fails_before_writing_it(tmp_path, monkeypatch):
         _run(cks, tmp_path / "o.safetensors", 4096)
     assert e.value.errno == errno.ENOSPC
     assert (tmp_path / "o.safetensors").stat().st_size == 0
-
-
-def test_default_workers_one_per_usable_cpu_capped(monkeypatch):
-    from shadowgraft import engine
-
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
-    assert engine.default_workers() == 3
-    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert engine.default_workers() == engine.MAX_WORKERS
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert engine.default_workers() == 2
-    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
-    assert engine.default_workers() == engine.MAX_WORKERS
 
 
 def test_bound_buffers_outlive_their_thread():
