@@ -26,7 +26,7 @@ demo: install
 # TorchScript fallback that installs without a C compiler get.
 test: install
 	$(PY) -m pytest -q
-	SHADOWGRAFT_NATIVE=0 $(PY) -m pytest -q tests/test_engine.py tests/test_fused.py tests/test_graft.py tests/test_stats.py
+	SHADOWGRAFT_NATIVE=0 $(PY) -m pytest -q tests/test_engine.py tests/test_fused.py tests/test_graft.py tests/test_stats.py tests/test_diff.py
 
 bench: install
 	$(PY) benchmarks/bench_apply.py

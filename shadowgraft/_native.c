@@ -281,6 +281,51 @@ static PyObject *py_graft(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(bad);
 }
 
+/* out[i] = fp32(t[i]) - fp32(b[i]) for 16-bit inputs: the delta `diff` stores for a 16-bit model. One IEEE
+ * subtraction, correctly rounded, so the same bits as the exact difference rounded once to fp32 (what the
+ * engine's float64 path computes). Returns how many outputs are NaN or Inf. */
+CLONES static int64_t delta_range(const void *b, int cb, const void *t, int ct, size_t n, float *out) {
+    block_t bb, tt;
+    int64_t bad = 0;
+    for (size_t s = 0; s < n; s += BLOCK) {
+        size_t m = n - s < BLOCK ? n - s : BLOCK;
+        load_block(&bb, advance(b, cb, s), cb, m);
+        load_block(&tt, advance(t, ct, s), ct, m);
+        for (size_t i = 0; i < m; i++) {
+            union {
+                float f;
+                uint32_t u;
+            } v = {tt.f[i] - bb.f[i]};
+            out[s + i] = v.f;
+            bad += (v.u & 0x7f800000u) == 0x7f800000u;
+        }
+    }
+    return bad;
+}
+
+/* delta(b, cb, t, ct, n, out): see delta_range; inputs bf16 or fp16, out fp32. */
+static PyObject *py_delta(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long b, t, out;
+    int cb, ct;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KiKinK", &b, &cb, &t, &ct, &n, &out))
+        return NULL;
+    if ((cb != BF16 && cb != F16) || (ct != BF16 && ct != F16)) {
+        PyErr_SetString(PyExc_ValueError, "delta: inputs must be bf16 or fp16");
+        return NULL;
+    }
+    if (n < 0 || !b || !t || !out) {
+        PyErr_SetString(PyExc_ValueError, "delta: bad length or address");
+        return NULL;
+    }
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS;
+    bad = delta_range((const void *)b, cb, (const void *)t, ct, (size_t)n, (float *)out);
+    Py_END_ALLOW_THREADS;
+    return PyLong_FromLongLong(bad);
+}
+
 /* Fills buf with len bytes of fd from off: 0, an errno, or -1 where the file ends first. */
 static int read_full(int fd, char *buf, size_t len, off_t off) {
     size_t done = 0;
@@ -350,7 +395,8 @@ static PyObject *py_sums_files(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"sums", py_sums, METH_VARARGS, "Per-step similarity sums of two (or three) arrays in one pass."},
     {"sums_files", py_sums_files, METH_VARARGS, "sums, reading the arrays from files piece by piece."},
-    {"graft", py_graft, METH_VARARGS, "The plain graft of bf16/fp16 inputs into bf16, in one pass."},
+    {"graft", py_graft, METH_VARARGS, "The plain graft into bf16 with fp32 arithmetic, in one pass."},
+    {"delta", py_delta, METH_VARARGS, "tuned - base of 16-bit inputs into fp32, in one pass."},
     {NULL, NULL, 0, NULL},
 };
 

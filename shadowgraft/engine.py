@@ -204,8 +204,8 @@ class Engine:
         # order, so the writer adds them up in file order (_account).
         self._local.bad = op.bad = [0] * len(op.items)
         changes: dict[tuple, torch.Tensor] = {}  # outputs with the same change compute it once
-        op.outs = [self._fused(op, j, it) if self._fusable(it) else self._compute_one(op, j, it, changes)
-                   for j, it in enumerate(op.items)]
+        op.outs = [self._fused(op, j, it) if self._fusable(it) else self._delta(op, j, it) if self._native_delta(it)
+                   else self._compute_one(op, j, it, changes) for j, it in enumerate(op.items)]
         if op.last:
             # TIES runs with one compute worker (see _pipeline), so no later
             # tensor's threshold has been computed yet.
@@ -218,8 +218,20 @@ class Engine:
                 and all(i.dtype in fused.DTYPES for i in it.inputs))
 
     def _native(self, it: Item) -> bool:
-        """A plain graft the compiled kernel computes (``native.graft``): fp32 working dtype, a bf16 output."""
-        return self._fusable(it) and native.available() and it.dtype == "BF16" and not wants_float64(it)
+        """A chunk the compiled kernel computes: a plain graft into bf16 with an fp32 working dtype, or a delta."""
+        return (self._fusable(it) and native.available() and it.dtype == "BF16" and not wants_float64(it)
+                or self._native_delta(it))
+
+    def _native_delta(self, it: Item) -> bool:
+        """``diff``'s fp32 delta of a 16-bit model (``native.delta``)."""
+        return (not self.cuda and native.available() and it.action == "delta" and it.dtype == "F32" and not it.fp8
+                and it.lora is None and all(i.dtype in ("BF16", "F16") for i in it.inputs))
+
+    def _delta(self, op: _Op, j: int, it: Item) -> torch.Tensor:
+        """``_compute_one`` for a delta in the compiled kernel: the same bits (the exact difference rounded once)."""
+        host_out = self.reader.raw(f"out.{j}@{op.slot}", op.n * 4).view(torch.float32)
+        self._bad[j] += native.delta(self._in(op, it.base), self._in(op, it.src), host_out)
+        return host_out
 
     def _fused(self, op: _Op, j: int, it: Item) -> torch.Tensor:
         """``_compute_one`` for a plain graft, as one TorchScript call: the same operations, the same bits."""

@@ -18,7 +18,8 @@ except ImportError:  # built without a C compiler
     _native = None
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-_GRAFT = frozenset({torch.bfloat16, torch.float16, torch.float32})
+_HALF = frozenset({torch.bfloat16, torch.float16})
+_GRAFT = _HALF | {torch.float32}
 
 
 def available() -> bool:
@@ -104,3 +105,18 @@ def graft(x: torch.Tensor, base: torch.Tensor | None, term: torch.Tensor, alpha:
                          _CODES[base.dtype] if base is not None else 0, term.data_ptr(), _CODES[term.dtype], n,
                          float(alpha), out.data_ptr())
 
+
+
+def delta(base: torch.Tensor, term: torch.Tensor, out: torch.Tensor) -> int | None:
+    """``out = fp32(term) - fp32(base)`` for bf16/fp16 inputs on the CPU (what ``diff`` stores): NaN/Inf count, or None.
+
+    One correctly rounded fp32 subtraction, so the same bits as the exact
+    difference rounded once to fp32, the engine's float64 path's result.
+    """
+    n = out.numel()
+    ok = available() and out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu"
+    if not ok or not all(_fits(v, n) and v.dtype in _HALF for v in (base, term)):
+        return None
+    if n == 0:
+        return 0
+    return _native.delta(base.data_ptr(), _CODES[base.dtype], term.data_ptr(), _CODES[term.dtype], n, out.data_ptr())

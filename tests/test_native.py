@@ -228,8 +228,31 @@ def test_the_engine_grafts_bf16_models_and_their_stored_deltas_here(tmp_path, mo
     shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "full")
     assert terms and set(terms) == {torch.bfloat16}
     terms.clear()
+    deltas = []
+    real_delta = native.delta
+    monkeypatch.setattr(native, "delta", lambda *a: deltas.append(a[0].dtype) or real_delta(*a))
     diff(base=trio["base"], tuned=trio["tuned"], output=tmp_path / "delta")
+    assert deltas and set(deltas) == {torch.bfloat16}
     shadowgraft.apply(instruct=trio["instruct"], delta=tmp_path / "delta", output=tmp_path / "via")
     # The stored delta is fp32 (the working dtype of a bf16 graft), and the output the same bytes.
     assert terms and set(terms) == {torch.float32}
     assert (tmp_path / "full" / "model.safetensors").read_bytes() == (tmp_path / "via" / "model.safetensors").read_bytes()
+
+
+@built
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                    (torch.float16, torch.bfloat16)])
+def test_delta_is_the_exact_difference_rounded_once(dtypes):
+    g = torch.Generator().manual_seed(5)
+    b64 = torch.randn(30_011, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-8, 3, (30_011,), generator=g)
+    t64 = b64 + torch.randn(30_011, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-8, 3, (30_011,), generator=g)
+    b64[:5] = torch.tensor([math.nan, math.inf, 1.0, 3e38, -math.inf], dtype=torch.float64)
+    t64[:5] = torch.tensor([1.0, math.inf, math.nan, -3e38, -math.inf], dtype=torch.float64)
+    b, t = b64.to(dtypes[0]), t64.to(dtypes[1])
+    out = torch.empty(30_011)
+    bad = native.delta(b, t, out)
+    want = (t.double() - b.double()).float()  # exact in float64, rounded once
+    same = (out == want) | (out.isnan() & want.isnan())
+    assert bool(same.all())
+    assert bad == int((~torch.isfinite(want)).sum()) >= 4  # NaN - x, inf - inf, x - NaN, -3e38 - 3e38 (bf16 only) ...
+    assert native.delta(b, t, torch.empty(30_011, dtype=torch.float64)) is None  # fp64 output: not this kernel
