@@ -55,5 +55,17 @@ gpu-check: install
 	$(PY) -m pytest -q -m cuda
 	$(PY) benchmarks/bench_apply.py --size 1GB --scaling 1,2,4 --tools cpu,cuda,floor --markdown bench-out/cuda.md
 
+# The compiled kernels under AddressSanitizer and UBSan (gcc): build them so,
+# run the whole suite with the runtimes preloaded, then rebuild them normally.
+.PHONY: sanitize
+sanitize: install
+	$(PY) -c "import sysconfig as s; print(s.get_config_var('EXT_SUFFIX'))" > .ext-suffix
+	gcc -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -ffp-contract=off -Wno-psabi -fPIC -shared \
+		-I$$($(PY) -c "import sysconfig as s; print(s.get_paths()['include'])") \
+		shadowgraft/_native.c -o shadowgraft/_native$$(cat .ext-suffix)
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(PY) -m pytest -q; \
+		status=$$?; rm -f .ext-suffix; $(PY) setup.py -q build_ext --inplace --force; exit $$status
+
 clean:
 	rm -rf $(VENV) demo-out bench-out *.egg-info
