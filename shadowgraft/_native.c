@@ -1,10 +1,12 @@
-/* One-pass kernels for the CPU hot loops, called from shadowgraft/native.py.
+/* One-pass kernels for the CPU hot loops, called from shadowgraft/native.py:
+ * the similarity sums of `stats` (sums, sums_files), the plain graft into
+ * bf16 (graft) and the fp32 delta `diff` stores (delta).
  *
  * Why C: torch runs a chunk's arithmetic as a dozen separate passes over
  * memory (upcast, subtract, abs, square, sum, ...). Here each element is
- * read once, from the bytes as stored (bf16 or fp32), and every sum is
- * taken in the same pass. The functions release the GIL, so one thread per
- * core runs them at once.
+ * read once, from the bytes as stored (bf16, fp16, fp32 or fp64), and
+ * everything a chunk needs is done in the same pass. The functions release
+ * the GIL, so one thread per core runs them at once.
  *
  * Reproducible: the order of every floating-point operation is fixed by
  * this source (LANES independent fp32 accumulators per sum, flushed to
@@ -22,9 +24,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#ifndef LANES
-#define LANES 8
-#endif
+#define LANES 8 /* part of the results: another count adds in another order */
 #define BLOCK 256 /* elements per flush: 32 fp32 additions per lane */
 
 /* Dtype codes shared with native.py. */
