@@ -34,8 +34,8 @@ static const size_t WIDTH[] = {4, 2, 2, 8};
 /* Columns of a row of sums, shared with metrics.py (ABS_A ... NEG_DOT). */
 enum { ABS_A, ABS_B, ABS_D, N_DIFF, SQ_A, SQ_B, SQ_D, MAX_ABS, SQ_T, NEG_DOT, COLS };
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-/* One binary, the best instructions the running CPU has (picked at load). */
+#if defined(__GNUC__) && __GNUC__ >= 11 && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+/* One binary, the best instructions the running CPU has (picked at load); GCC 11 named the x86-64 levels. */
 #define CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
 #define CLONES
