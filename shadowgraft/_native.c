@@ -46,17 +46,19 @@ typedef union {
     uint32_t u[BLOCK];
 } block_t;
 
+static inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
 /* fp16 to fp32 bits, exact for every code, branch-free (so it vectorizes), and never through an fp32
  * subnormal (a DAZ mode could read one as zero): normals move exponent and mantissa into fp32's places
  * and rebias the exponent; subnormals are their 10-bit integer mantissa times 2^-24; Inf/NaN keep theirs. */
 static inline uint32_t f16_bits(uint16_t h) {
     uint32_t e = h & 0x7c00u, m = h & 0x3ffu;
-    union {
-        float f;
-        uint32_t u;
-    } sub = {(float)m * 0x1p-24f};
     uint32_t normal = ((uint32_t)(h & 0x7fffu) << 13) + (112u << 23);
-    uint32_t mag = e == 0 ? sub.u : e == 0x7c00u ? 0x7f800000u | (m << 13) : normal;
+    uint32_t mag = e == 0 ? f32_bits((float)m * 0x1p-24f) : e == 0x7c00u ? 0x7f800000u | (m << 13) : normal;
     return ((uint32_t)(h & 0x8000u) << 16) | mag;
 }
 
@@ -174,11 +176,17 @@ static void finish(acc_t *acc, double *out) {
     memcpy(out, acc->tot, sizeof acc->tot);
 }
 
-static int check_code(int code) {
-    if (code < F32 || code > F64) {
-        PyErr_Format(PyExc_ValueError, "unknown dtype code %d", code);
-        return 0;
-    }
+#define ANY ((1u << F32) | (1u << BF16) | (1u << F16) | (1u << F64))
+#define WIDENED ((1u << F32) | (1u << BF16) | (1u << F16)) /* exact in fp32 */
+#define HALF ((1u << BF16) | (1u << F16))
+
+/* 1 when each of the k dtype codes is one of `allowed` (a bit per code); else a ValueError naming `what`. */
+static int codes_ok(const int *codes, int k, unsigned allowed, const char *what) {
+    for (int i = 0; i < k; i++)
+        if (codes[i] < F32 || codes[i] > F64 || !(allowed >> codes[i] & 1u)) {
+            PyErr_Format(PyExc_ValueError, "%s: dtype code %d is not accepted here", what, codes[i]);
+            return 0;
+        }
     return 1;
 }
 
@@ -191,7 +199,7 @@ static PyObject *py_sums(PyObject *self, PyObject *args) {
     Py_ssize_t n, step;
     if (!PyArg_ParseTuple(args, "KiKiKinnK", &a, &ca, &b, &cb, &t, &ct, &n, &step, &out))
         return NULL;
-    if (!check_code(ca) || !check_code(cb) || !check_code(ct))
+    if (!codes_ok((int[]){ca, cb, ct}, 3, ANY, "sums"))
         return NULL;
     if (n < 0 || step <= 0 || !a || !b || !out) {
         PyErr_SetString(PyExc_ValueError, "sums: bad length, step or address");
@@ -225,11 +233,7 @@ static inline __attribute__((always_inline)) int graft_block(const block_t *x, c
     for (size_t i = 0; i < m; i++) {
         float d = b ? t->f[i] - b->f[i] : t->f[i];
         float acc = x->f[i] + (scaled ? d * alpha : d);
-        union {
-            float f;
-            uint32_t u;
-        } v = {acc};
-        uint16_t o = bf16_round(v.u);
+        uint16_t o = bf16_round(f32_bits(acc));
         out[i] = o;
         bad += (o & 0x7f80u) == 0x7f80u;
     }
@@ -263,12 +267,8 @@ static PyObject *py_graft(PyObject *self, PyObject *args) {
     double alpha;
     if (!PyArg_ParseTuple(args, "KiKiKindK", &x, &cx, &b, &cb, &t, &ct, &n, &alpha, &out))
         return NULL;
-    int codes[3] = {cx, b ? cb : BF16, ct};
-    for (int i = 0; i < 3; i++)
-        if (codes[i] != BF16 && codes[i] != F16 && codes[i] != F32) {
-            PyErr_SetString(PyExc_ValueError, "graft: inputs must be bf16, fp16 or fp32");
-            return NULL;
-        }
+    if (!codes_ok((int[]){cx, b ? cb : BF16, ct}, 3, WIDENED, "graft"))
+        return NULL;
     if (n < 0 || !x || !t || !out) {
         PyErr_SetString(PyExc_ValueError, "graft: bad length or address");
         return NULL;
@@ -292,12 +292,9 @@ CLONES static int64_t delta_range(const void *b, int cb, const void *t, int ct, 
         load_block(&bb, advance(b, cb, s), cb, m);
         load_block(&tt, advance(t, ct, s), ct, m);
         for (size_t i = 0; i < m; i++) {
-            union {
-                float f;
-                uint32_t u;
-            } v = {tt.f[i] - bb.f[i]};
-            out[s + i] = v.f;
-            bad += (v.u & 0x7f800000u) == 0x7f800000u;
+            float d = tt.f[i] - bb.f[i];
+            out[s + i] = d;
+            bad += (f32_bits(d) & 0x7f800000u) == 0x7f800000u;
         }
     }
     return bad;
@@ -311,10 +308,8 @@ static PyObject *py_delta(PyObject *self, PyObject *args) {
     Py_ssize_t n;
     if (!PyArg_ParseTuple(args, "KiKinK", &b, &cb, &t, &ct, &n, &out))
         return NULL;
-    if ((cb != BF16 && cb != F16) || (ct != BF16 && ct != F16)) {
-        PyErr_SetString(PyExc_ValueError, "delta: inputs must be bf16 or fp16");
+    if (!codes_ok((int[]){cb, ct}, 2, HALF, "delta"))
         return NULL;
-    }
     if (n < 0 || !b || !t || !out) {
         PyErr_SetString(PyExc_ValueError, "delta: bad length or address");
         return NULL;
@@ -357,9 +352,8 @@ static PyObject *py_sums_files(PyObject *self, PyObject *args) {
                           &off[2], &code[2], &n, &step, &out, &buf, &piece))
         return NULL;
     int k = fd[2] >= 0 ? 3 : 2;
-    for (int i = 0; i < k; i++)
-        if (!check_code(code[i]))
-            return NULL;
+    if (!codes_ok(code, k, ANY, "sums_files"))
+        return NULL;
     if (n < 0 || step <= 0 || piece <= 0 || piece % BLOCK || !out || !buf) {
         PyErr_SetString(PyExc_ValueError, "sums_files: bad length, step, piece or address");
         return NULL;
