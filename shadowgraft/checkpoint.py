@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ShadowgraftError
+from .fileio import truncated
 from .files import PICKLE_SUFFIXES, locate
 from .header import Header, TensorInfo, read_header
 
@@ -176,7 +177,7 @@ class Checkpoint:
         while done < want:
             n = os.preadv(fd, [mv[done:]], pos + done)
             if n == 0:
-                raise ShadowgraftError(f"{info.file}: file ended inside tensor '{info.name}'; it was truncated, re-download it")
+                raise truncated(info)
             done += n
 
     def view(self, name: str):

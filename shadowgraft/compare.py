@@ -25,6 +25,7 @@ from . import fp8, native
 from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
 from .errors import ShadowgraftError
+from .fileio import truncated
 from .header import DTYPE_BITS, TensorInfo
 from .metrics import DeltaSums, Sums, from_parts, kernel, new_parts, range_sums, scratch_elements
 from .naming import block_index, family, module_kind, tower
@@ -343,7 +344,7 @@ def _read_sums(reader: Reader, r: int, p: _Pair, s: int, n: int):
     if failed is not None:
         info, err = infos[failed[0]], failed[1]
         if err < 0:
-            raise ShadowgraftError(f"{info.file}: file ended inside tensor '{info.name}'; it was truncated, re-download it")
+            raise truncated(info)
         raise OSError(err, os.strerror(err), str(info.file))
     # Only NaN or Inf sums need the values again (to count them): read them the ordinary way.
     return from_parts(parts, n, reader.chunk, tuned=p.tuned is not None,

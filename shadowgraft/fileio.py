@@ -73,6 +73,11 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, nbytes: int, what: Tensor
                 continue
             raise
         if n == 0:
-            where = f" inside tensor '{what.name}'" if what else ""
-            raise ShadowgraftError(f"{what.file if what else 'input'}: file ended{where}; it was truncated, re-download it")
+            raise truncated(what)
         done += n
+
+
+def truncated(what: TensorInfo | None) -> ShadowgraftError:
+    """The error for an input file that ends before ``what``'s bytes do."""
+    where = f" inside tensor '{what.name}'" if what else ""
+    return ShadowgraftError(f"{what.file if what else 'input'}: file ended{where}; it was truncated, re-download it")
