@@ -204,12 +204,19 @@ class Engine:
         # order, so the writer adds them up in file order (_account).
         self._local.bad = op.bad = [0] * len(op.items)
         changes: dict[tuple, torch.Tensor] = {}  # outputs with the same change compute it once
-        op.outs = [self._fused(op, j, it) if self._fusable(it) else self._delta(op, j, it) if self._native_delta(it)
-                   else self._compute_one(op, j, it, changes) for j, it in enumerate(op.items)]
+        op.outs = [self._compute_item(op, j, it, changes) for j, it in enumerate(op.items)]
         if op.last:
             # TIES runs with one compute worker (see _pipeline), so no later
             # tensor's threshold has been computed yet.
             self._thresholds.clear()
+
+    def _compute_item(self, op: _Op, j: int, it: Item, changes: dict) -> torch.Tensor:
+        """Output ``j`` of a chunk, by the fastest route that gives the general path's bits."""
+        if self._fusable(it):
+            return self._fused(op, j, it)
+        if self._native_delta(it):
+            return self._delta(op, j, it)
+        return self._compute_one(op, j, it, changes)
 
     def _fusable(self, it: Item) -> bool:
         """The plain graft ``fused.py`` computes: one term, no mix, no LoRA, 16/32-bit floats, on the CPU."""
@@ -218,9 +225,12 @@ class Engine:
                 and all(i.dtype in fused.DTYPES for i in it.inputs))
 
     def _native(self, it: Item) -> bool:
-        """A chunk the compiled kernel computes: a plain graft into bf16 with an fp32 working dtype, or a delta."""
-        return (self._fusable(it) and native.available() and it.dtype == "BF16" and not wants_float64(it)
-                or self._native_delta(it))
+        """A chunk the compiled kernel computes (longer chunks suit it)."""
+        return self._native_graft(it) or self._native_delta(it)
+
+    def _native_graft(self, it: Item) -> bool:
+        """A plain graft ``native.graft`` computes: an fp32 working dtype and a bf16 output."""
+        return self._fusable(it) and native.available() and it.dtype == "BF16" and not wants_float64(it)
 
     def _native_delta(self, it: Item) -> bool:
         """``diff``'s fp32 delta of a 16-bit model (``native.delta``)."""
@@ -234,19 +244,18 @@ class Engine:
         return host_out
 
     def _fused(self, op: _Op, j: int, it: Item) -> torch.Tensor:
-        """``_compute_one`` for a plain graft, as one TorchScript call: the same operations, the same bits."""
+        """``_compute_one`` for a plain graft, in the compiled kernel or as one TorchScript call: the same bits."""
         r, m = self.reader, op.n
         host_out = r.raw(f"out.{j}@{op.slot}", m * (DTYPE_BITS[it.dtype] // 8)).view(torch_dtype(it.dtype))
-        wd = torch.float64 if wants_float64(it) else torch.float32
+        x, term = self._in(op, it.src), self._in(op, it.terms[0])
         base = self._in(op, it.base) if it.base is not None else None
-        bad = None
-        if wd == torch.float32:
-            bad = native.graft(self._in(op, it.src), base, self._in(op, it.terms[0]), it.alpha, host_out)
-        if bad is not None:
-            self._bad[j] += bad
-            return host_out
-        check = fused.graft_kernel()(self._in(op, it.src), base, self._in(op, it.terms[0]), float(it.alpha), host_out,
-                                     r.work("fused", 3 * m, wd).view(3, m),
+        if self._native_graft(it):
+            bad = native.graft(x, base, term, it.alpha, host_out)
+            if bad is not None:  # None: buffers the kernel does not take, left to TorchScript
+                self._bad[j] += bad
+                return host_out
+        wd = torch.float64 if wants_float64(it) else torch.float32
+        check = fused.graft_kernel()(x, base, term, float(it.alpha), host_out, r.work("fused", 3 * m, wd).view(3, m),
                                      wd == torch.float32 and it.dtype in ("BF16", "F32"))
         if m and not math.isfinite(float(check)):
             self._bad[j] += int((~torch.isfinite(host_out)).sum())
