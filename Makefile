@@ -10,7 +10,7 @@ EXTRAS ?= dev,train,plot
 
 .PHONY: demo test install bench clean
 
-$(VENV)/.installed-$(EXTRAS): setup.py Makefile shadowgraft/_native.c
+$(VENV)/.installed-$(EXTRAS): setup.py Makefile shadowgraft/_native.c shadowgraft/_sums.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)

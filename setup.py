@@ -6,6 +6,7 @@ from setuptools import Extension, find_packages, setup
 native = Extension(
     "shadowgraft._native",
     sources=["shadowgraft/_native.c"],
+    depends=["shadowgraft/_sums.h"],
     extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],
     optional=True,
 )

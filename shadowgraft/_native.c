@@ -9,11 +9,12 @@
  * the GIL, so one thread per core runs them at once.
  *
  * Reproducible: the order of every floating-point operation is fixed by
- * this source (LANES independent fp32 accumulators per sum, flushed to
- * float64 every BLOCK elements in lane order), the build forbids contracting
- * a * b + c into a fused multiply-add (-ffp-contract=off), and no flag lets
- * the compiler reassociate; so the vector width it picks (SSE2, AVX2,
- * AVX-512, NEON) cannot change a bit of the result.
+ * this source (LANES independent fp32 accumulators per sum, each flushed
+ * every BLOCK elements into its own float64 lane, the lanes added in order
+ * at the end), the build forbids contracting a * b + c into a fused
+ * multiply-add (-ffp-contract=off), and no flag lets the compiler
+ * reassociate; so the vector width that runs them (4 lanes with SSE2 or
+ * NEON, 8 with AVX2, 16 with AVX-512) cannot change a bit of the result.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,7 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define LANES 8 /* part of the results: another count adds in another order */
+#define LANES 16 /* part of the results: another count adds in another order */
 #define BLOCK 256 /* elements per flush: 32 fp32 additions per lane */
 
 /* Dtype codes shared with native.py. */
@@ -86,94 +87,54 @@ static inline void load_block(block_t *dst, const void *p, int code, size_t n) {
 
 static inline const void *advance(const void *p, int code, size_t n) { return (const char *)p + n * WIDTH[code]; }
 
-/* GCC/clang vector extensions: LANES floats per value, lowered to whatever SIMD the target has. */
-typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
-
-static inline vf vload(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
-
-/* Running sums of one call: LANES fp32 lanes per sum within a BLOCK, float64 across blocks. */
+/* Running sums of one call: LANES fp32 lanes per sum within a BLOCK, LANES float64 lanes across blocks. */
 typedef struct {
-    double tot[COLS];
-    int64_t n_diff;
-    vf mx;
+    double tot[COLS][LANES];
+    int64_t n_diff[LANES];
+    int32_t mx[LANES]; /* bits of max |A - B| (sign bit clear, so integer order is float order) */
 } acc_t;
 
-/* Elements [i, i + BLOCK) of fp32 A, B (and T) added to `acc`: the one place the sums are taken. */
-static inline __attribute__((always_inline)) void block(const float *a, const float *b, const float *t, size_t i,
-                                                        acc_t *acc) {
-    vf aa = {0}, ab = {0}, ad = {0}, qa = {0}, qb = {0}, qd = {0}, qt = {0}, dt = {0}, mx = acc->mx;
-    vi nd = {0};
-    for (size_t j = i; j < i + BLOCK; j += LANES) {
-        vf x = vload(a + j), y = vload(b + j);
-        vf d = x - y, adl = vabs(d);
-        aa += vabs(x);
-        ab += vabs(y);
-        ad += adl;
-        qa += x * x;
-        qb += y * y;
-        qd += d * d;
-        nd -= (vi)(d != 0.0f); /* a true comparison is -1 in every bit */
-        vi gt = (vi)(adl > mx);
-        mx = (vf)(((vi)adl & gt) | ((vi)mx & ~gt));
-        if (t) {
-            vf e = vload(t + j) - x;
-            qt += e * e;
-            dt += e * d; /* <T - A, A - B> = -<T - A, B - A> */
-        }
-    }
-    acc->mx = mx;
-    for (int l = 0; l < LANES; l++) {
-        acc->tot[ABS_A] += aa[l];
-        acc->tot[ABS_B] += ab[l];
-        acc->tot[ABS_D] += ad[l];
-        acc->tot[SQ_A] += qa[l];
-        acc->tot[SQ_B] += qb[l];
-        acc->tot[SQ_D] += qd[l];
-        acc->tot[SQ_T] += qt[l];
-        acc->tot[NEG_DOT] += dt[l];
-        acc->n_diff += nd[l];
-    }
-}
+typedef void (*add_range_fn)(acc_t *, const void *, int, const void *, int, const void *, int, size_t);
 
-/* Adds elements [0, n) of A, B (and T) to `acc`. fp32 inputs are read in place; other dtypes, mixed
- * ones, and a last partial block are first converted into fp32 blocks in L1 (zero padded: padding adds
- * nothing to any sum; converting a block apart measured faster for bf16 than widening in registers).
- * Both routes perform the same fp32 operations on the same values, so they give the same bits. Only
- * the last call of a step may pass n that is not a multiple of BLOCK. */
-CLONES static void add_range(acc_t *acc, const void *a, int ca, const void *b, int cb, const void *t, int ct,
-                             size_t n) {
-    block_t xa, xb, xt;
-    int same = ca == cb && (!t || ct == ca) ? ca : -1;
-    size_t s = 0;
-    if (same == F32)
-        for (; s + BLOCK <= n; s += BLOCK)
-            block((const float *)a, (const float *)b, (const float *)t, s, acc);
-    for (; s < n; s += BLOCK) {
-        size_t m = n - s < BLOCK ? n - s : BLOCK;
-        load_block(&xa, advance(a, ca, s), ca, m);
-        load_block(&xb, advance(b, cb, s), cb, m);
-        if (t)
-            load_block(&xt, advance(t, ct, s), ct, m);
-        block(xa.f, xb.f, t ? xt.f : NULL, 0, acc);
-    }
-}
+/* The sums at each vector width this build has (_sums.h), and the one the running CPU gets. Portable
+ * code has 4-wide vectors (SSE2, NEON); GCC on x86-64 adds the AVX2 and AVX-512 ones, picked at import. */
+#define W 4
+#define SPLIT 1
+#define ATTR
+#include "_sums.h"
+#if defined(__GNUC__) && __GNUC__ >= 12 && !defined(__clang__) && defined(__x86_64__)
+#define WIDE_X86 1
+#define W 8
+#define SPLIT 1
+#define ATTR __attribute__((target("arch=x86-64-v3")))
+#include "_sums.h"
+#define W 16
+#define SPLIT 0 /* 32 registers hold every accumulator */
+#define ATTR __attribute__((target("arch=x86-64-v4")))
+#include "_sums.h"
+#endif
+
+static add_range_fn add_range = add_range_4;
+static int width = 4;
 
 /* The float64 totals of a step into out[0..COLS), as metrics.range_sums reads them. MAX_ABS is
  * max |A - B| for finite inputs; metrics.py recounts everything non-finite itself. */
-static void finish(acc_t *acc, double *out) {
-    float m = 0.0f;
-    for (int l = 0; l < LANES; l++)
-        m = acc->mx[l] > m ? acc->mx[l] : m;
-    acc->tot[N_DIFF] = (double)acc->n_diff;
-    acc->tot[MAX_ABS] = m;
-    memcpy(out, acc->tot, sizeof acc->tot);
+static void finish(const acc_t *acc, double *out) {
+    int32_t mx = 0;
+    int64_t nd = 0;
+    for (int c = 0; c < COLS; c++) {
+        out[c] = 0.0;
+        for (int l = 0; l < LANES; l++)
+            out[c] += acc->tot[c][l];
+    }
+    for (int l = 0; l < LANES; l++) {
+        mx = acc->mx[l] > mx ? acc->mx[l] : mx;
+        nd += acc->n_diff[l];
+    }
+    float m;
+    memcpy(&m, &mx, sizeof m);
+    out[N_DIFF] = (double)nd;
+    out[MAX_ABS] = m;
 }
 
 #define ANY ((1u << F32) | (1u << BF16) | (1u << F16) | (1u << F64))
@@ -209,7 +170,7 @@ static PyObject *py_sums(PyObject *self, PyObject *args) {
     size_t i = 0;
     for (Py_ssize_t s = 0; s < n; s += step, i++) {
         size_t m = (size_t)(n - s < step ? n - s : step);
-        acc_t acc = {{0}, 0, {0}};
+        acc_t acc = {0};
         add_range(&acc, advance((const void *)a, ca, s), ca, advance((const void *)b, cb, s), cb,
                   t ? advance((const void *)t, ct, s) : NULL, ct, m);
         finish(&acc, (double *)out + i * COLS);
@@ -366,7 +327,7 @@ static PyObject *py_sums_files(PyObject *self, PyObject *args) {
     size_t row = 0;
     for (Py_ssize_t s = 0; s < n && bad < 0; s += step, row++) {
         Py_ssize_t m = n - s < step ? n - s : step;
-        acc_t acc = {{0}, 0, {0}};
+        acc_t acc = {0};
         for (Py_ssize_t q = 0; q < m && bad < 0; q += piece) {
             size_t c = (size_t)(m - q < piece ? m - q : piece);
             for (int i = 0; i < k && bad < 0; i++) {
@@ -386,7 +347,64 @@ static PyObject *py_sums_files(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Whether the running CPU has the instructions of width w's sums. */
+static int runs(int w) {
+#ifdef WIDE_X86
+    __builtin_cpu_init();
+    if (w == 8)
+        return __builtin_cpu_supports("x86-64-v3");
+    if (w == 16)
+        return __builtin_cpu_supports("x86-64-v4");
+#endif
+    return w == 4;
+}
+
+/* Points add_range at width w's sums: 1, or 0 where this build or CPU lacks them. */
+static int use(int w) {
+    add_range_fn f = w == 4 ? add_range_4 : NULL;
+#ifdef WIDE_X86
+    f = w == 8 ? add_range_8 : w == 16 ? add_range_16 : f;
+#endif
+    if (!f || !runs(w))
+        return 0;
+    add_range = f;
+    width = w;
+    return 1;
+}
+
+/* widths(): the vector widths of the sums this CPU runs, the one in use first. */
+static PyObject *py_widths(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    const int order[] = {width, 16, 8, 4};
+    PyObject *out = PyList_New(0);
+    for (int i = 0; out && i < 4; i++) {
+        if ((i && order[i] == width) || !runs(order[i]))
+            continue;
+        PyObject *v = PyLong_FromLong(order[i]);
+        if (!v || PyList_Append(out, v) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(v);
+    }
+    return out;
+}
+
+/* use_width(w): the sums run at width w from now on (one of widths(); for tests, which compare their
+ * bits); returns the width used before. Not for use while another thread sums. */
+static PyObject *py_use_width(PyObject *self, PyObject *args) {
+    (void)self;
+    int w, before = width;
+    if (!PyArg_ParseTuple(args, "i", &w))
+        return NULL;
+    if (!use(w)) {
+        PyErr_Format(PyExc_ValueError, "use_width: width %d does not run here", w);
+        return NULL;
+    }
+    return PyLong_FromLong(before);
+}
+
 static PyMethodDef methods[] = {
+    {"widths", py_widths, METH_NOARGS, "The vector widths of the sums this CPU runs, the one in use first."},
+    {"use_width", py_use_width, METH_VARARGS, "Run the sums at this vector width; returns the previous one."},
     {"sums", py_sums, METH_VARARGS, "Per-step similarity sums of two (or three) arrays in one pass."},
     {"sums_files", py_sums_files, METH_VARARGS, "sums, reading the arrays from files piece by piece."},
     {"graft", py_graft, METH_VARARGS, "The plain graft into bf16 with fp32 arithmetic, in one pass."},
@@ -397,6 +415,8 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__native(void) {
+    use(8);
+    use(16); /* the widest this CPU runs */
     PyObject *m = PyModule_Create(&module);
     if (m && (PyModule_AddIntConstant(m, "LANES", LANES) || PyModule_AddIntConstant(m, "BLOCK", BLOCK) ||
               PyModule_AddIntConstant(m, "COLS", COLS))) {

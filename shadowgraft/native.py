@@ -27,6 +27,15 @@ def available() -> bool:
     return _native is not None and os.environ.get("SHADOWGRAFT_NATIVE", "1") != "0"
 
 
+def widths() -> list[int]:
+    """The vector widths (fp32 lanes) of the compiled sums this CPU runs, the one in use first; [] without them.
+
+    4 everywhere (SSE2, NEON), 8 with AVX2 and 16 with AVX-512 where GCC
+    built them; the widest runs. Every width gives the same bits.
+    """
+    return _native.widths() if available() else []
+
+
 def _fits(x: torch.Tensor | None, n: int) -> bool:
     return x is None or (x.device.type == "cpu" and x.dtype in _CODES and x.is_contiguous() and x.numel() == n)
 

@@ -114,6 +114,60 @@ def test_threads_run_at_once_and_get_the_same_bits():
     assert all(torch.equal(o, lone) for o in outs)
 
 
+@pytest.fixture
+def each_width():
+    """Runs the test body's sums at every vector width this CPU has, restoring the widest after."""
+    widest = native.widths()[0]
+    yield native.widths()
+    native._native.use_width(widest)
+
+
+@built
+def test_every_vector_width_gives_the_same_bits(each_width, tmp_path):
+    # The lanes are in the source, so 4-, 8- and 16-wide vectors must agree bit for bit: partial blocks, step
+    # boundaries, every dtype, NaN, Inf, zeros, subnormals and an fp32 overflow of A - B.
+    g = torch.Generator().manual_seed(12)
+    n = 2 * native.PIECE + 777
+    x = torch.randn(n, generator=g) * torch.logspace(-42, 37, n)
+    x[::97], x[5::211], x[7::331], x[11::401] = math.nan, math.inf, -math.inf, 0.0
+    y = torch.where(torch.rand(n, generator=g) < 0.3, x, x + 1e-3 * torch.randn(n, generator=g))
+    y[:64] = -3e38
+    x[:64] = 3e38
+    t = x + 1e-3 * torch.randn(n, generator=g)
+    cases = [(x, y, None), (x, y, t), (x[64:].bfloat16(), y[64:].bfloat16(), t[64:].bfloat16()),
+             (x[64:].half(), y[64:].bfloat16(), None), (x.double(), y, t.half())]
+    f = tmp_path / "x"
+    f.write_bytes(x.bfloat16().view(torch.uint8).numpy().tobytes() + y.bfloat16().view(torch.uint8).numpy().tobytes())
+    buf = torch.empty(native.scratch_bytes(), dtype=torch.uint8)
+
+    def from_file():
+        parts = metrics.new_parts(n, 4099)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            assert native.sums_files([(fd, 0, torch.bfloat16), (fd, 2 * n, torch.bfloat16)], n, 4099, parts, buf) is None
+        finally:
+            os.close(fd)
+        return parts
+
+    results = {}
+    for w in each_width:
+        assert native._native.use_width(w) in each_width
+        results[w] = [run(a, b, c, step=step) for a, b, c in cases for step in (1 << 18, 4099, 1)] + [from_file()]
+    first = results[each_width[0]]
+    assert any(bool(r.isnan().any()) for r in first) and any(bool(r.isinf().any()) for r in first)
+    for w, got in results.items():
+        assert all(torch.equal(r, s) or torch.equal(r.isnan(), s.isnan()) and torch.equal(r.nan_to_num(), s.nan_to_num())
+                   for r, s in zip(got, first)), w
+
+
+@built
+def test_the_widest_width_runs_and_others_are_refused(each_width):
+    assert each_width[0] == max(each_width) and 4 in each_width
+    with pytest.raises(ValueError, match="width 3"):
+        native._native.use_width(3)
+    assert native.widths() == each_width  # a refused width changes nothing
+
+
 @built
 def test_what_it_declines(monkeypatch):
     a = torch.ones(10)
