@@ -32,6 +32,7 @@ from .naming import block_index, family, module_kind, tower
 from .plan import select
 from .prefix import Rename, find
 from .report import Mismatch, Report, TensorRow
+from .stages import default_workers
 from .stream import Reader
 from .summary import CLOSE, THRESHOLD, group_rows, summarize
 
@@ -84,7 +85,8 @@ def stats(
 
     ``progress(nbytes)`` is called after each chunk; ``on_start(total_bytes)``
     once before reading. ``chunk`` (elements) and ``workers`` (threads,
-    default ``default_workers()``) only change speed, not results.
+    default ``stages.default_workers()``, one per usable CPU) only change
+    speed, not results.
 
     >>> r = shadowgraft.stats("Qwen/Qwen3-4B-Base", "Qwen/Qwen3-4B-Instruct-2507")  # doctest: +SKIP
     >>> round(r.summary.sigma_mean, 4)                                              # doctest: +SKIP
@@ -375,13 +377,6 @@ def _torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def default_workers() -> int:
-    """Threads for ``stats``: torch's thread count (the cores it may use), at most 8; memory bandwidth caps the rest."""
-    import torch
-
-    return max(1, min(8, torch.get_num_threads()))
 
 
 def _row(p: _Pair, s: Sums, d: DeltaSums | None) -> TensorRow:
