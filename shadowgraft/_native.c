@@ -97,20 +97,22 @@ typedef struct {
 typedef void (*add_range_fn)(acc_t *, const void *, int, const void *, int, const void *, int, size_t);
 
 /* The sums at each vector width this build has (_sums.h), and the one the running CPU gets. Portable
- * code has 4-wide vectors (SSE2, NEON); GCC on x86-64 adds the AVX2 and AVX-512 ones, picked at import. */
+ * code has 4-wide vectors (SSE2, NEON); on x86-64, GCC 7+ and clang add the AVX2 and AVX-512 ones, the widest
+ * the CPU runs picked at import. */
 #define W 4
 #define SPLIT 1
 #define ATTR
 #include "_sums.h"
-#if defined(__GNUC__) && __GNUC__ >= 12 && !defined(__clang__) && defined(__x86_64__)
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 7))
 #define WIDE_X86 1
+#define AVX512 "avx512f,avx512bw,avx512dq,avx512vl" /* the AVX-512 of x86-64-v4 */
 #define W 8
 #define SPLIT 1
-#define ATTR __attribute__((target("arch=x86-64-v3")))
+#define ATTR __attribute__((target("avx2")))
 #include "_sums.h"
 #define W 16
 #define SPLIT 0 /* 32 registers hold every accumulator */
-#define ATTR __attribute__((target("arch=x86-64-v4")))
+#define ATTR __attribute__((target(AVX512)))
 #include "_sums.h"
 #endif
 
@@ -352,9 +354,10 @@ static int runs(int w) {
 #ifdef WIDE_X86
     __builtin_cpu_init();
     if (w == 8)
-        return __builtin_cpu_supports("x86-64-v3");
+        return __builtin_cpu_supports("avx2");
     if (w == 16)
-        return __builtin_cpu_supports("x86-64-v4");
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 #endif
     return w == 4;
 }
