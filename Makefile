@@ -67,5 +67,15 @@ sanitize: install
 		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(PY) -m pytest -q; \
 		status=$$?; rm -f .ext-suffix; $(PY) setup.py -q build_ext --inplace --force; exit $$status
 
+# The kernels built by clang (where it is installed) through the tests that cover them, then rebuilt
+# normally: widths, bits and results must be those of gcc's build.
+.PHONY: clang-check
+clang-check: install
+	rm -f shadowgraft/_native*.so
+	CC=clang $(PY) setup.py -q build_ext --inplace --force
+	$(PY) -c "from shadowgraft import native; assert native.available(), 'clang did not build the kernels'; print('widths', native.widths())" \
+		&& $(PY) -m pytest -q tests/test_native.py tests/test_metrics.py tests/test_engine.py tests/test_diff.py tests/test_stats.py; \
+		status=$$?; $(PY) setup.py -q build_ext --inplace --force; exit $$status
+
 clean:
 	rm -rf $(VENV) demo-out bench-out *.egg-info
