@@ -1,11 +1,13 @@
 """Time and peak memory of `shadowgraft stats` against reading the inputs and a naive torch script.
 
 Builds a Llama-shaped bf16 pair (base, instruct) at 1x and 4x the layers,
-then runs three tools on each, every one as its own process:
+then runs these tools on each, every one as its own process:
 
 - ``stats``: ``shadowgraft stats A B --json FILE --quiet``;
 - ``read``: reads every byte of both models' files into one reused buffer
   (the floor: no tool can compare weights it has not read);
+- ``read-par``: the same bytes read by one thread per CPU, as many readers
+  as ``stats`` has workers (what the page cache gives when every core reads);
 - ``naive``: loads each tensor pair with safetensors, upcasts it to fp32 and
   computes the same metrics with whole-tensor torch ops.
 
@@ -43,6 +45,33 @@ for folder in sys.argv[1:]:
                 break
             off += n
         os.close(fd)
+"""
+
+# The same reads on one thread per CPU (64 MB ranges from a shared list), as many readers as stats has workers.
+READ_PAR = r"""
+import os, sys, threading
+from pathlib import Path
+ranges = []
+for folder in sys.argv[1:]:
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        size = f.stat().st_size
+        ranges += [(f, off, min(64 << 20, size - off)) for off in range(0, size, 64 << 20)]
+lock = threading.Lock()
+def reader():
+    buf = bytearray(8 << 20); mv = memoryview(buf)
+    while True:
+        with lock:
+            if not ranges:
+                return
+            f, off, n = ranges.pop()
+        fd = os.open(f, os.O_RDONLY)
+        end = off + n
+        while off < end:
+            off += os.preadv(fd, [mv[: min(len(mv), end - off)]], off)
+        os.close(fd)
+threads = [threading.Thread(target=reader) for _ in range(len(os.sched_getaffinity(0)))]
+for t in threads: t.start()
+for t in threads: t.join()
 """
 
 NAIVE = r"""
@@ -159,7 +188,7 @@ def main() -> None:
     # "stats-ts": the same command with the compiled kernel switched off (TorchScript), when it is built.
     # find_spec, not an import: this process must not load torch (see --build).
     built = importlib.util.find_spec("shadowgraft._native") is not None and os.environ.get("SHADOWGRAFT_NATIVE") != "0"
-    tools = ["read", "stats"] + (["stats-ts"] if built else []) + ([] if args.no_naive else ["naive"])
+    tools = ["read", "read-par", "stats"] + (["stats-ts"] if built else []) + ([] if args.no_naive else ["naive"])
     results: dict[tuple[str, int], tuple[float, float, float]] = {}
     size: dict[int, int] = {}
     sigma: dict[tuple[str, int], float] = {}
@@ -171,6 +200,7 @@ def main() -> None:
         size[mult] = folder_bytes(root / "base") + folder_bytes(root / "instruct")
         cmds = {
             "read": [py, "-c", READ, a, b],
+            "read-par": [py, "-c", READ_PAR, a, b],
             "stats": [py, "-c", STATS, "stats", a, b, "--json", str(root / "stats.json"), "--quiet"],
             "stats-ts": [py, "-c", STATS, "stats", a, b, "--json", str(root / "stats-ts.json"), "--quiet"],
             "naive": [py, "-c", NAIVE, a, b, str(root / "naive.json")],
