@@ -59,6 +59,10 @@ def floor_cmd(trio: Trio, out: Path):
             "--copy", *_files(trio.files("instruct")), "--to", str(out)]
 
 
+def floor_par_cmd(trio: Trio, out: Path):
+    return floor_cmd(trio, out) + ["--threads", str(len(os.sched_getaffinity(0)))]
+
+
 def cat_cp_cmd(trio: Trio, out: Path):
     q = lambda ps: " ".join(shlex.quote(str(p)) for p in ps)  # noqa: E731
     return (f"cat {q(trio.files('base') + trio.files('tuned'))} > /dev/null && mkdir -p {shlex.quote(str(out))} "
@@ -112,6 +116,7 @@ def pick_tools(args) -> list[Tool]:
         tools.append(Tool("cuda", "shadowgraft apply (cuda)", shadowgraft_cmd("cuda")))
     tools += [
         Tool("floor", "I/O floor (read B,T + copy_file_range I)", floor_cmd),
+        Tool("floor-par", "I/O floor, one thread per CPU", floor_par_cmd),
         Tool("cat", "I/O floor cross-check (cat B,T; cp I)", cat_cp_cmd),
         Tool("paper", "paper script (3 models in RAM, bf16)", paper_cmd),
     ]
@@ -169,7 +174,8 @@ def run_all(trios: list[tuple[int, Trio]], tools: list[Tool], args, md: list[str
     return [(f, trio, {t.key: best_of(runs[f, t.key]) for t in tools}) for f, trio in trios], agree
 
 
-def size_table(trio: Trio, res: dict[str, Measurement], tools: list[Tool], args, load: str, md: list[str]) -> None:
+def size_table(trio: Trio, res: dict[str, Measurement], tools: list[Tool], args, load: str, where: str,
+               md: list[str]) -> None:
     nin = trio.input_bytes()
     rows = []
     for t in tools:
@@ -181,7 +187,7 @@ def size_table(trio: Trio, res: dict[str, Measurement], tools: list[Tool], args,
     s = trio.shape
     title = (f"apply: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, vocab {s.vocab}; "
              f"{human(nin / 3)}/model, {human(nin)} of input; best of {args.repeat}; warm page cache "
-             f"(inputs read once before timing, nothing dropped); {machine()}; load average {load}")
+             f"(inputs read once before timing, nothing dropped); {where}; load average {load}")
     print_table(title, ["tool", "seconds", "CPU s", "CPU s/GB of input", "GB/s of input", "peak RSS", "peak anon RSS"],
                 rows, markdown=md)
 
@@ -266,7 +272,7 @@ def main() -> None:
     ap.add_argument("--shard-size", help="bytes per input shard (default: a quarter of the 1x model)")
     ap.add_argument("--scaling", default="1", help="layer multipliers, e.g. 1,2,4")
     ap.add_argument("--repeat", type=int, default=3, help="runs per tool; the fastest is reported")
-    ap.add_argument("--tools", help="comma list of: cpu,cuda,floor,cat,paper,mergekit,torch,import,package (default all)")
+    ap.add_argument("--tools", help="comma list of: cpu,cuda,floor,floor-par,cat,paper,mergekit,torch,import,package (default all)")
     ap.add_argument("--workdir", default="bench-out", help="cached trios and outputs (default bench-out)")
     ap.add_argument("--mergekit-venv", help="venv with mergekit-yaml (default WORKDIR/mergekit-venv)")
     ap.add_argument("--markdown", type=Path, help="also write the tables as markdown to this file")
@@ -281,11 +287,11 @@ def main() -> None:
     tools = pick_tools(args)
     md: list[str] = []
     trios = [(f, build_trio(workdir=Path(args.workdir), shape=shape.scaled(f), shard_bytes=shard)) for f in factors]
-    load = load_average()
+    load, where = load_average(), machine()  # the free memory before the runs
     sizes, agree = run_all(trios, tools, args, md)
     load = f"{load} before, {load_average()} after"
     for _, trio, res in sizes:
-        size_table(trio, res, tools, args, load, md)
+        size_table(trio, res, tools, args, load, where, md)
     marginal = scaling_report(sizes, tools, md) if len(sizes) > 1 else None
     targets(sizes, tools, marginal, md)
     shutil.rmtree(Path(args.workdir) / "out", ignore_errors=True)

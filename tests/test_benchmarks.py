@@ -68,14 +68,28 @@ def test_ulp_of_matches_bf16_spacing():
     assert torch.equal(ulp_of(x), (nxt.double() - b.double()).abs())
 
 
-def test_io_floor_copies_instruct_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_io_floor_copies_instruct_byte_for_byte(tmp_path, threads):
     trio = build_trio(workdir=tmp_path, shape=TrioShape(2, 64, 192, 128), shard_bytes=60_000)
     out = tmp_path / "floor"
     subprocess.run([sys.executable, str(BENCH / "io_floor.py"), "--read", *map(str, trio.files("base")),
-                    "--copy", *map(str, trio.files("instruct")), "--to", str(out)], check=True)
+                    "--copy", *map(str, trio.files("instruct")), "--to", str(out), "--threads", str(threads)], check=True)
     assert len(trio.files("instruct")) > 1
     for f in trio.files("instruct"):
         assert (out / f.name).read_bytes() == f.read_bytes()
+
+
+def test_io_floor_threads_copy_every_range(tmp_path, monkeypatch):
+    # Ranges far smaller than the files: many per file, taken by three threads in any order.
+    import io_floor
+
+    trio = build_trio(workdir=tmp_path, shape=TrioShape(2, 64, 192, 128), shard_bytes=60_000)
+    monkeypatch.setattr(io_floor, "RANGE", 4099)
+    out = tmp_path / "floor"
+    out.mkdir()
+    io_floor.parallel(trio.files("base"), trio.files("instruct"), out, 3)
+    for f in trio.files("instruct"):
+        assert f.stat().st_size > 3 * 4099 and (out / f.name).read_bytes() == f.read_bytes()
 
 
 def test_verify_accepts_the_graft_and_the_paper_script_and_rejects_an_ungrafted_copy(tmp_path, monkeypatch):
