@@ -37,38 +37,30 @@ static inline __attribute__((always_inline)) void CAT(block, W)(const float *a, 
     VF s[8][K] = {{{0}}};
     VI nd[K] = {{0}}, mx[K];
     memcpy(mx, acc->mx, sizeof mx);
-    for (size_t j = 0; j < BLOCK; j += LANES)
-        for (int k = 0; k < K; k++) {
-            VF x = CAT(load, W)(a + j + k * W), y = CAT(load, W)(b + j + k * W), d = x - y;
-            VI bits = (VI)d & 0x7fffffff;
-            s[0][k] += (VF)((VI)x & 0x7fffffff);
-            s[1][k] += (VF)((VI)y & 0x7fffffff);
-            s[2][k] += (VF)bits;
-            nd[k] += (VI)((0u - (VU)bits) >> 31); /* 1 where d != 0 (NaN too, as d != 0 says) */
-            VI gt = bits > mx[k];
-            mx[k] = (bits & gt) | (mx[k] & ~gt);
-            if (!SPLIT) {
-                s[3][k] += x * x;
-                s[4][k] += y * y;
-                s[5][k] += d * d;
-                if (t) {
-                    VF e = CAT(load, W)(t + j + k * W) - x;
-                    s[6][k] += e * e;
-                    s[7][k] += e * d; /* <T - A, A - B> = -<T - A, B - A> */
-                }
-            }
-        }
-    if (SPLIT) /* the same operations on the same lanes, a second pass over the block in L1 */
+    /* SPLIT: the absolute values in a first pass over the block, the squares in a second (it is in L1) */
+#pragma GCC unroll 2 /* a pass loop in the code would keep the body of both passes in each */
+    for (int pass = 0; pass <= SPLIT; pass++)
         for (size_t j = 0; j < BLOCK; j += LANES)
             for (int k = 0; k < K; k++) {
                 VF x = CAT(load, W)(a + j + k * W), y = CAT(load, W)(b + j + k * W), d = x - y;
-                s[3][k] += x * x;
-                s[4][k] += y * y;
-                s[5][k] += d * d;
-                if (t) {
-                    VF e = CAT(load, W)(t + j + k * W) - x;
-                    s[6][k] += e * e;
-                    s[7][k] += e * d;
+                if (pass == 0) {
+                    VI bits = (VI)d & 0x7fffffff;
+                    s[0][k] += (VF)((VI)x & 0x7fffffff);
+                    s[1][k] += (VF)((VI)y & 0x7fffffff);
+                    s[2][k] += (VF)bits;
+                    nd[k] += (VI)((0u - (VU)bits) >> 31); /* 1 where d != 0 (NaN too, as d != 0 says) */
+                    VI gt = bits > mx[k];
+                    mx[k] = (bits & gt) | (mx[k] & ~gt);
+                }
+                if (pass == SPLIT) {
+                    s[3][k] += x * x;
+                    s[4][k] += y * y;
+                    s[5][k] += d * d;
+                    if (t) {
+                        VF e = CAT(load, W)(t + j + k * W) - x;
+                        s[6][k] += e * e;
+                        s[7][k] += e * d; /* <T - A, A - B> = -<T - A, B - A> */
+                    }
                 }
             }
     static const int col[8] = {ABS_A, ABS_B, ABS_D, SQ_A, SQ_B, SQ_D, SQ_T, NEG_DOT};
