@@ -176,7 +176,7 @@ def test_what_it_declines(monkeypatch):
     assert not native.sums(torch.ones(10, dtype=torch.int32), torch.ones(10, dtype=torch.int32), None, parts, 1 << 18)
     assert not native.sums(a, torch.ones(10), None, torch.zeros((2, metrics.COLS), dtype=torch.float64), 1 << 18)
     monkeypatch.setenv("SHADOWGRAFT_NATIVE", "0")
-    assert not native.available() and not native.sums(a, a, None, parts, 1 << 18)
+    assert not native.available() and not native.sums(a, a, None, parts, 1 << 18) and native.widths() == []
     # range_sums then runs the TorchScript kernel and gets the same answer.
     s, _ = metrics.range_sums(torch.tensor([1.0, -2.0, 3.0]), torch.tensor([1.0, 2.0, 0.0]))
     assert (s.abs_a, s.abs_b, s.abs_d, s.sq_d, s.max_abs, s.n_diff) == (6, 3, 7, 25, 4, 2)
