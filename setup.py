@@ -34,5 +34,5 @@ setup(
         "train": ["transformers>=4.45", "peft>=0.13", "tokenizers>=0.19"],
         "dev": ["pytest>=7", "hypothesis>=6"],
     },
-    entry_points={"console_scripts": ["shadowgraft=shadowgraft.cli:main"]},
+    entry_points={"console_scripts": ["shadowgraft=shadowgraft.cli:console"]},
 )

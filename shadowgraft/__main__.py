@@ -1,5 +1,5 @@
 """``python -m shadowgraft ...`` runs the command line (same as the ``shadowgraft`` script)."""
 
-from .cli import main
+from .cli import console
 
-main()
+console()

@@ -14,6 +14,7 @@ import sys
 import click
 
 from .commands import apply, demo, diff, push, shadow_ft, stats, train, verify
+from .commands._common import pause_gc
 from .display import err, print_error
 from .errors import ShadowgraftError
 
@@ -38,6 +39,17 @@ def _on_sigterm(signum, frame):
     # Turn SIGTERM and SIGHUP into the same unwinding as Ctrl-C so temporary output is removed.
     _state["signal"] = signum
     raise KeyboardInterrupt
+
+
+def console() -> None:
+    """The ``shadowgraft`` script and ``python -m shadowgraft``: ``main`` in a process of its own.
+
+    The collector is paused until the command has imported its libraries
+    (``commands._common.imported``): a process that ends with the command
+    need never look at those objects again.
+    """
+    pause_gc()
+    main()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -172,3 +172,62 @@ def test_bare_command_prints_the_help(capsys):
     text = out + err
     assert text.startswith("Usage: shadowgraft [OPTIONS] COMMAND [ARGS]...") and "error:" not in text
     assert "\n  apply " in text and "\n  stats " in text
+
+
+# -- the collector, paused for the imports of a one-command process --------------------------------------------
+
+_PROBE = r"""
+import gc, json, sys
+from shadowgraft import cli, compare, graft
+seen = {}
+def probe(name, fn):
+    def wrapped(*a, **k):
+        seen[name] = [gc.isenabled(), gc.get_freeze_count() > 0]
+        return fn(*a, **k)
+    return wrapped
+compare.stats = probe("stats", compare.stats)
+graft.apply = probe("apply", graft.apply)
+before = gc.isenabled()
+sys.argv = ["shadowgraft", *sys.argv[1:]]
+try:
+    cli.console()
+except SystemExit as e:
+    assert not e.code, e.code
+print(json.dumps({"before": before, **seen}))
+"""
+
+
+@pytest.mark.parametrize("command", ["stats", "apply"])
+def test_the_script_works_with_the_collector_on(tmp_path, trio, command):
+    # The script pauses the collector only for the imports: the work itself runs with it on, past what they made.
+    import json
+    import subprocess
+    import sys
+
+    args = (["stats", trio["base"], trio["instruct"], "--quiet"] if command == "stats"
+            else _apply(trio, tmp_path / "o", "--quiet"))
+    done = subprocess.run([sys.executable, "-c", _PROBE, *map(str, args)], capture_output=True, text=True, check=True)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["before"] is True and seen[command] == [True, True]
+
+
+def test_pause_and_imported_and_an_in_process_main(trio, capsys):
+    import gc
+
+    from shadowgraft.commands import _common
+
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    # In-process, main leaves the collector alone (nothing frozen in the caller's process).
+    code, _, err = run_cli(capsys, "stats", trio["base"], trio["instruct"], "--quiet")
+    assert code == 0, err
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    _common.pause_gc()
+    try:
+        assert not gc.isenabled()
+        _common.imported()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        _common.imported()  # once only
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()

@@ -6,7 +6,7 @@ import click
 
 from ..display import err, human, out, shown
 from . import _common as check
-from ._common import MODEL_HELP, ByteProgress, print_notes, print_plan, selection_options
+from ._common import ByteProgress, MODEL_HELP, imported, print_notes, print_plan, selection_options
 
 
 @click.command("apply")
@@ -41,6 +41,8 @@ from ._common import MODEL_HELP, ByteProgress, print_notes, print_plan, selectio
 def command(quiet: bool, **kw) -> None:
     """Graft W_instruct + alpha * (W_tuned - W_base), a delta, or a LoRA adapter, into a new folder."""
     from .. import graft
+
+    imported()
 
     if kw["push_to_hub"] and not kw["dry_run"]:
         # Offline or a bad id would otherwise fail only after the whole graft.

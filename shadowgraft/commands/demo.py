@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..display import out
+from ._common import imported
 
 
 @click.command("demo")
@@ -12,5 +13,7 @@ from ..display import out
 def command(workdir: str) -> None:
     """Build a tiny offline base/instruct/tuned trio, graft it, and report what happened."""
     from ..demo import run_demo
+
+    imported()
 
     run_demo(workdir, console=out)

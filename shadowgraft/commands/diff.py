@@ -6,7 +6,7 @@ import click
 
 from ..display import cell, err, human, out, shown
 from . import _common as check
-from ._common import MODEL_HELP, ByteProgress, selection_options
+from ._common import ByteProgress, MODEL_HELP, imported, selection_options
 
 
 @click.command("diff", help="Write TUNED - BASE: the full delta (for `apply --delta`), or with --rank/--energy a PEFT "
@@ -31,6 +31,8 @@ from ._common import MODEL_HELP, ByteProgress, selection_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or report.")
 def command(base: str, tuned: str, quiet: bool, **kw) -> None:
     from ..diff import diff
+
+    imported()
 
     with ByteProgress(quiet, "diffing") as bar:
         res = diff(base=base, tuned=tuned, progress=bar.advance, on_total=bar.grow, **kw)

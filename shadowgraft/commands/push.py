@@ -21,4 +21,6 @@ def command(folder: str, repo_id: str, private: bool, revision: str | None, comm
     """
     from ..publish import push
 
+    check.imported()
+
     out.print(shown(push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)), soft_wrap=True)

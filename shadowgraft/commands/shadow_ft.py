@@ -6,7 +6,7 @@ import click
 
 from ..display import err, out
 from . import _common as check
-from ._common import MODEL_HELP
+from ._common import MODEL_HELP, imported
 from .train import train_options
 
 
@@ -28,6 +28,8 @@ from .train import train_options
 def command(**kw) -> None:
     """Fine-tune BASE on the data, graft the change onto INSTRUCT, write a model card (and push)."""
     from ..pipeline import shadow_ft
+
+    imported()
 
     if kw["push_to_hub"]:
         # Offline or a bad id would otherwise fail only after training and grafting.

@@ -9,7 +9,7 @@ import click
 from ..display import err, out, shown
 from ..errors import ShadowgraftError
 from . import _common as check
-from ._common import ByteProgress, selection_options
+from ._common import ByteProgress, imported, selection_options
 
 
 @click.command("stats")
@@ -41,6 +41,8 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
     """
     from ..plot import check_plot
     from ..compare import stats
+
+    imported()
 
     if json_out == "-" and csv_out == "-":
         raise click.UsageError("only one of --json and --csv can be '-' (stdout)")

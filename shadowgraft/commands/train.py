@@ -7,7 +7,7 @@ import os
 import click
 
 from ..display import err, out
-from ._common import MODEL_HELP
+from ._common import MODEL_HELP, imported
 
 
 def train_options(f):
@@ -56,6 +56,8 @@ def train_options(f):
 def command(**kw) -> None:
     """Fine-tune a model (full or LoRA) on a JSONL data set, in plain torch; runs under torchrun too."""
     from ..train import TrainConfig, train
+
+    imported()
 
     res = train(config=TrainConfig(**kw), console=err)
     if not kw["quiet"] and os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports

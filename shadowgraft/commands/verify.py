@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..display import err, human, out, print_error, shown
-from ._common import progress_bar
+from ._common import imported, progress_bar
 
 
 @click.command("verify")
@@ -23,6 +23,8 @@ def command(folder: str, quick: bool, hash_files: bool, quiet: bool) -> None:
     Exits 0 when all is well, 1 with one line per problem otherwise.
     """
     from ..verify import verify
+
+    imported()
 
     bar = None if quick and not hash_files else progress_bar(quiet)
     progress = None
