@@ -115,7 +115,7 @@ block = [r["sigma"] for n, r in rows.items() if ".layers." in n]
 json.dump({"sigma_mean": sum(block) / len(block), "tensors": rows}, open(sys.argv[3], "w"))
 """
 
-STATS = "from shadowgraft.cli import main; main()"
+STATS = "from shadowgraft.cli import console; console()"  # what the shadowgraft script runs
 
 
 def shape_for(gb: float, layers_mult: int):

@@ -18,7 +18,6 @@ writing.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 from contextlib import nullcontext
@@ -29,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import fp8, fused, native, stages
+from . import fp8, fused, heap, native, stages
 from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
 from .header import DTYPE_BITS, TensorInfo
@@ -489,19 +488,14 @@ class Engine:
         # may use the cores the reader and writer threads leave.
         torch.set_num_threads(1 if workers > 1 else max(1, min(4, (os.cpu_count() or 1) - 2)))
         # The objects alive now (torch's modules: ~170K) are kept out of the
-        # collector's full passes while chunks stream; one such pass took
-        # 80 ms, a tenth of a 1 GB graft, holding the GIL every stage needs.
-        froze = gc.get_freeze_count() == 0
-        if froze:
-            gc.freeze()
+        # collector's full passes while chunks stream (see heap.py).
         try:
-            stages.run(ops, read=read, compute=self._compute, write=write, bind=self.reader.bind,
-                       context=lambda: torch.cuda.stream(self._stream) if self.cuda else nullcontext(),
-                       cost=self._cost, workers=workers)
+            with heap.held():
+                stages.run(ops, read=read, compute=self._compute, write=write, bind=self.reader.bind,
+                           context=lambda: torch.cuda.stream(self._stream) if self.cuda else nullcontext(),
+                           cost=self._cost, workers=workers)
         finally:
             torch.set_num_threads(saved)
-            if froze:
-                gc.unfreeze()
 
 
 def _add_scaled(acc: torch.Tensor, x: torch.Tensor, alpha: float, scratch: torch.Tensor) -> None:

@@ -211,10 +211,13 @@ def test_the_script_works_with_the_collector_on(tmp_path, trio, command):
     assert seen["before"] is True and seen[command] == [True, True]
 
 
-def test_pause_and_imported_and_an_in_process_main(trio, capsys):
+def test_pause_and_imported_and_an_in_process_main(trio, capsys, monkeypatch):
     import gc
 
+    from shadowgraft import heap
     from shadowgraft.commands import _common
+
+    monkeypatch.setattr(heap, "_state", {"for_good": False, "held": 0})
 
     assert gc.isenabled() and gc.get_freeze_count() == 0
     # In-process, main leaves the collector alone (nothing frozen in the caller's process).

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from .. import heap
 from ..display import err, human, out, shown
 from ..errors import ShadowgraftError
 
@@ -45,7 +46,7 @@ def imported() -> None:
     """
     if _paused[0]:
         _paused[0] = False
-        gc.freeze()
+        heap.freeze_for_good()
         gc.enable()
 
 
