@@ -14,9 +14,9 @@ import sys
 import click
 
 from .commands import apply, demo, diff, push, shadow_ft, stats, train, verify
-from .commands._common import pause_gc
 from .display import err, print_error
 from .errors import ShadowgraftError
+from .heap import pause
 
 _state = {"debug": False}
 
@@ -45,10 +45,10 @@ def console() -> None:
     """The ``shadowgraft`` script and ``python -m shadowgraft``: ``main`` in a process of its own.
 
     The collector is paused until the command has imported its libraries
-    (``commands._common.imported``): a process that ends with the command
-    need never look at those objects again.
+    (``heap.imported``): a process that ends with the command need never
+    look at those objects again.
     """
-    pause_gc()
+    pause()
     main()
 
 

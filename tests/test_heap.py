@@ -1,4 +1,4 @@
-"""heap: freezing what imports made, tracked without asking gc (whose count walks every frozen object)."""
+"""heap: the collector paused for the imports, and what they made frozen, tracked without asking gc (whose count walks every frozen object)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from shadowgraft import heap
 
 @pytest.fixture
 def fresh(monkeypatch):
-    monkeypatch.setattr(heap, "_state", {"for_good": False, "held": 0})
+    monkeypatch.setattr(heap, "_state", {"for_good": False, "held": 0, "paused": False})
     assert gc.get_freeze_count() == 0
     yield
     gc.unfreeze()

@@ -8,46 +8,16 @@ and the rule itself lives once, in the API.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 from pathlib import Path
 
 import click
 
-from .. import heap
 from ..display import err, human, out, shown
 from ..errors import ShadowgraftError
 
 MODEL_HELP = "local folder, .safetensors file, or Hub id org/name[@revision]"
-
-
-_paused = [False]
-
-
-def pause_gc() -> None:
-    """Turn the collector off until ``imported()``: for a process that runs one command (``cli.console``).
-
-    Importing torch and the rest makes ~1M objects, none of them garbage,
-    and the collector's passes over them were a third of a small command's
-    time: a 2 GB ``stats`` took 1.35 s end to end, 0.93 s with them paused
-    and then frozen (2-core AMD EPYC).
-    """
-    if gc.isenabled():
-        gc.disable()
-        _paused[0] = True
-
-
-def imported() -> None:
-    """Called by each command once its libraries are imported: the collector runs again where paused.
-
-    What exists now is frozen: later passes, and the one at exit, skip it.
-    A command run in-process (``cli.main`` from Python) changes nothing here.
-    """
-    if _paused[0]:
-        _paused[0] = False
-        heap.freeze_for_good()
-        gc.enable()
 
 
 # -- option checks (click callbacks) ------------------------------------------

@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from ..display import err, human, out, shown
+from ..heap import imported
 from . import _common as check
-from ._common import ByteProgress, MODEL_HELP, imported, print_notes, print_plan, selection_options
+from ._common import ByteProgress, MODEL_HELP, print_notes, print_plan, selection_options
 
 
 @click.command("apply")

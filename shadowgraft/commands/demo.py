@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..display import out
-from ._common import imported
+from ..heap import imported
 
 
 @click.command("demo")

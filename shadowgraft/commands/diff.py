@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from ..display import cell, err, human, out, shown
+from ..heap import imported
 from . import _common as check
-from ._common import ByteProgress, MODEL_HELP, imported, selection_options
+from ._common import ByteProgress, MODEL_HELP, selection_options
 
 
 @click.command("diff", help="Write TUNED - BASE: the full delta (for `apply --delta`), or with --rank/--energy a PEFT "

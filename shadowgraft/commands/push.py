@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..display import out, shown
+from ..heap import imported
 from . import _common as check
 
 
@@ -21,6 +22,6 @@ def command(folder: str, repo_id: str, private: bool, revision: str | None, comm
     """
     from ..publish import push
 
-    check.imported()
+    imported()
 
     out.print(shown(push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)), soft_wrap=True)

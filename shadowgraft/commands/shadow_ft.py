@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from ..display import err, out
+from ..heap import imported
 from . import _common as check
-from ._common import MODEL_HELP, imported
+from ._common import MODEL_HELP
 from .train import train_options
 
 

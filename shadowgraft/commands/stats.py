@@ -8,8 +8,9 @@ import click
 
 from ..display import err, out, shown
 from ..errors import ShadowgraftError
+from ..heap import imported
 from . import _common as check
-from ._common import ByteProgress, imported, selection_options
+from ._common import ByteProgress, selection_options
 
 
 @click.command("stats")

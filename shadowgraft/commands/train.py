@@ -7,7 +7,8 @@ import os
 import click
 
 from ..display import err, out
-from ._common import MODEL_HELP, imported
+from ..heap import imported
+from ._common import MODEL_HELP
 
 
 def train_options(f):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from ..display import err, human, out, print_error, shown
-from ._common import imported, progress_bar
+from ..heap import imported
+from ._common import progress_bar
 
 
 @click.command("verify")

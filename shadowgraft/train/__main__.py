@@ -3,8 +3,8 @@
 import sys
 
 from ..cli import main
-from ..commands._common import pause_gc
+from ..heap import pause
 
 if __name__ == "__main__":
-    pause_gc()
+    pause()
     main(["train", *sys.argv[1:]])
