@@ -29,8 +29,8 @@ static inline __attribute__((always_inline)) VF CAT(load, W)(const float *p) {
 }
 
 /* One BLOCK of fp32 A, B (and T) added to `acc`: the one place the sums are taken. The count of
- * differences and the max work on the bits of |A - B| with integer operations, which every target
- * vectorizes (a float comparison of a vector wider than the registers compiles to one per element). */
+ * differences and the max work on the bits of |A - B| (sign bit clear, so integer order is float order),
+ * which no floating-point mode (denormals as zero) can change. */
 static inline __attribute__((always_inline)) void CAT(block, W)(const float *a, const float *b, const float *t,
                                                                 acc_t *acc) {
     /* |A|, |B|, |A-B|, A^2, B^2, (A-B)^2, (T-A)^2, <T-A, A-B>, in the order of `col` below */
