@@ -119,8 +119,34 @@ typedef void (*add_range_fn)(acc_t *, const void *, int, const void *, int, cons
 #include "_sums.h"
 #endif
 
-static add_range_fn add_range = add_range_4;
-static int width = 4;
+/* Whether the running CPU has the instructions of each width's sums. */
+static int portable(void) { return 1; } /* the 4-wide code runs on every CPU */
+#ifdef WIDE_X86
+static int has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+}
+static int has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+#endif
+
+/* The widths this build has, widest first; the sums run at WIDTHS[current]. */
+static const struct {
+    int w;
+    add_range_fn add_range;
+    int (*runs)(void);
+} WIDTHS[] = {
+#ifdef WIDE_X86
+    {16, add_range_16, has_avx512},
+    {8, add_range_8, has_avx2},
+#endif
+    {4, add_range_4, portable},
+};
+#define N_WIDTHS ((int)(sizeof WIDTHS / sizeof WIDTHS[0]))
+static int current = N_WIDTHS - 1; /* set at import */
 
 /* The float64 totals of a step into out[0..COLS), as metrics.range_sums reads them. MAX_ABS is
  * max |A - B| for finite inputs; metrics.py recounts everything non-finite itself. */
@@ -176,7 +202,7 @@ static PyObject *py_sums(PyObject *self, PyObject *args) {
     for (Py_ssize_t s = 0; s < n; s += step, i++) {
         size_t m = (size_t)(n - s < step ? n - s : step);
         acc_t acc = {0};
-        add_range(&acc, advance((const void *)a, ca, s), ca, advance((const void *)b, cb, s), cb,
+        WIDTHS[current].add_range(&acc, advance((const void *)a, ca, s), ca, advance((const void *)b, cb, s), cb,
                   t ? advance((const void *)t, ct, s) : NULL, ct, m);
         finish(&acc, (double *)out + i * COLS);
     }
@@ -341,7 +367,7 @@ static PyObject *py_sums_files(PyObject *self, PyObject *args) {
                     bad = i;
             }
             if (bad < 0)
-                add_range(&acc, p[0], code[0], p[1], code[1], k == 3 ? p[2] : NULL, code[2], c);
+                WIDTHS[current].add_range(&acc, p[0], code[0], p[1], code[1], k == 3 ? p[2] : NULL, code[2], c);
         }
         if (bad < 0)
             finish(&acc, (double *)out + row * COLS);
@@ -352,41 +378,15 @@ static PyObject *py_sums_files(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Whether the running CPU has the instructions of width w's sums. */
-static int runs(int w) {
-#ifdef WIDE_X86
-    __builtin_cpu_init();
-    if (w == 8)
-        return __builtin_cpu_supports("avx2");
-    if (w == 16)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#endif
-    return w == 4;
-}
-
-/* Points add_range at width w's sums: 1, or 0 where this build or CPU lacks them. */
-static int use(int w) {
-    add_range_fn f = w == 4 ? add_range_4 : NULL;
-#ifdef WIDE_X86
-    f = w == 8 ? add_range_8 : w == 16 ? add_range_16 : f;
-#endif
-    if (!f || !runs(w))
-        return 0;
-    add_range = f;
-    width = w;
-    return 1;
-}
-
 /* widths(): the vector widths of the sums this CPU runs, the one in use first. */
 static PyObject *py_widths(PyObject *self, PyObject *args) {
     (void)self, (void)args;
-    const int order[] = {width, 16, 8, 4};
     PyObject *out = PyList_New(0);
-    for (int i = 0; out && i < 4; i++) {
-        if ((i && order[i] == width) || !runs(order[i]))
+    for (int i = -1; out && i < N_WIDTHS; i++) {
+        int k = i < 0 ? current : i;
+        if ((i >= 0 && k == current) || !WIDTHS[k].runs())
             continue;
-        PyObject *v = PyLong_FromLong(order[i]);
+        PyObject *v = PyLong_FromLong(WIDTHS[k].w);
         if (!v || PyList_Append(out, v) < 0)
             Py_CLEAR(out);
         Py_XDECREF(v);
@@ -398,14 +398,16 @@ static PyObject *py_widths(PyObject *self, PyObject *args) {
  * bits); returns the width used before. Not for use while another thread sums. */
 static PyObject *py_use_width(PyObject *self, PyObject *args) {
     (void)self;
-    int w, before = width;
+    int w, before = WIDTHS[current].w;
     if (!PyArg_ParseTuple(args, "i", &w))
         return NULL;
-    if (!use(w)) {
-        PyErr_Format(PyExc_ValueError, "use_width: width %d does not run here", w);
-        return NULL;
-    }
-    return PyLong_FromLong(before);
+    for (int k = 0; k < N_WIDTHS; k++)
+        if (WIDTHS[k].w == w && WIDTHS[k].runs()) {
+            current = k;
+            return PyLong_FromLong(before);
+        }
+    PyErr_Format(PyExc_ValueError, "use_width: width %d does not run here", w);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
@@ -421,8 +423,8 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__native(void) {
-    use(8);
-    use(16); /* the widest this CPU runs */
+    for (current = 0; !WIDTHS[current].runs(); current++) /* the widest this CPU runs; the last always does */
+        ;
     PyObject *m = PyModule_Create(&module);
     if (m && (PyModule_AddIntConstant(m, "LANES", LANES) || PyModule_AddIntConstant(m, "BLOCK", BLOCK) ||
               PyModule_AddIntConstant(m, "COLS", COLS))) {
