@@ -31,12 +31,12 @@ import torch
 from . import fp8, fused, heap, native, stages
 from .checkpoint import Checkpoint
 from .dtypes import torch_dtype
+from .fileio import copy_range, preallocate, pwrite_all, write_all
 from .header import DTYPE_BITS, TensorInfo
+from .lora_rows import LoraRows
 from .mix import combine, dare_keep, kth_largest
 from .plan import Item
 from .shards import Shard
-from .fileio import copy_range, preallocate, pwrite_all, write_all
-from .lora_rows import LoraRows
 from .stages import default_workers
 from .stream import CHUNK, Reader
 from .writer import shard_header

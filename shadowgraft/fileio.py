@@ -68,7 +68,7 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, nbytes: int, what: Tensor
             else:
                 n = os.sendfile(dst_fd, src_fd, src_off + done, want)
         except OSError as e:
-            if use_cfr and e.errno in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+            if use_cfr and e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 use_cfr = False
                 continue
             raise

@@ -65,8 +65,6 @@ def _graft(x: torch.Tensor, base: Optional[torch.Tensor], term: torch.Tensor, al
     return out.sum(dtype=torch.float32)
 
 
-
-
 def graft_kernel():
     """``_graft`` compiled by TorchScript; ``_graft`` itself where TorchScript is unavailable (same ops, same bits)."""
     return scripted(_graft)

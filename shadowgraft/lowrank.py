@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from .fileio import copy_range, write_all
 from .header import DTYPE_BITS, TensorInfo
 from .plan import Item
-from .fileio import copy_range, write_all
 from .shards import Shard
 from .writer import shard_header
 

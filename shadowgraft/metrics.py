@@ -4,8 +4,9 @@ Every metric is a function of a few float64 running sums, so a tensor can be
 read in chunks of any size and the result is the same as in one piece. Two
 kernels fill the sums of each chunk: the compiled one (``native.py``, one
 pass over the stored bytes, 16 fp32 lanes flushed to float64 lanes every
-256 elements, the same bits at every vector width) wherever it is built, and a TorchScript one over reused fp32
-buffers (cascade sums, a few ulps a chunk) otherwise. They agree to about
+256 elements, the same bits at every vector width) wherever it is built,
+and a TorchScript one over reused fp32 buffers (cascade sums, a few ulps a
+chunk) otherwise. They agree to about
 1e-7 relative, exactly on counts and on the largest difference (tested).
 
 Values where a denominator is zero are defined, never NaN:
@@ -196,8 +197,6 @@ def _kernel(a: torch.Tensor, b: torch.Tensor, t: Optional[torch.Tensor], w: torc
 def scratch_elements(n: int, step: int) -> int:
     """fp32 elements of the kernel's scratch for ``n`` elements in steps of ``step``: five rows of one step."""
     return max(1, 5 * min(step, n))
-
-
 
 
 def kernel():

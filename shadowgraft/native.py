@@ -116,7 +116,6 @@ def graft(x: torch.Tensor, base: torch.Tensor | None, term: torch.Tensor, alpha:
                          float(alpha), out.data_ptr())
 
 
-
 def delta(base: torch.Tensor, term: torch.Tensor, out: torch.Tensor) -> int | None:
     """``out = fp32(term) - fp32(base)`` for bf16/fp16 inputs on the CPU (what ``diff`` stores): NaN/Inf count, or None.
 
