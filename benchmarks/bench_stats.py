@@ -47,33 +47,6 @@ for folder in sys.argv[1:]:
         os.close(fd)
 """
 
-# The same reads on one thread per CPU (64 MB ranges from a shared list), as many readers as stats has workers.
-READ_PAR = r"""
-import os, sys, threading
-from pathlib import Path
-ranges = []
-for folder in sys.argv[1:]:
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        size = f.stat().st_size
-        ranges += [(f, off, min(64 << 20, size - off)) for off in range(0, size, 64 << 20)]
-lock = threading.Lock()
-def reader():
-    buf = bytearray(8 << 20); mv = memoryview(buf)
-    while True:
-        with lock:
-            if not ranges:
-                return
-            f, off, n = ranges.pop()
-        fd = os.open(f, os.O_RDONLY)
-        end = off + n
-        while off < end:
-            off += os.preadv(fd, [mv[: min(len(mv), end - off)]], off)
-        os.close(fd)
-threads = [threading.Thread(target=reader) for _ in range(len(os.sched_getaffinity(0)))]
-for t in threads: t.start()
-for t in threads: t.join()
-"""
-
 NAIVE = r"""
 import json, sys
 from pathlib import Path
@@ -200,7 +173,10 @@ def main() -> None:
         size[mult] = folder_bytes(root / "base") + folder_bytes(root / "instruct")
         cmds = {
             "read": [py, "-c", READ, a, b],
-            "read-par": [py, "-c", READ_PAR, a, b],
+            # The same bytes on one thread per CPU, 64 MB ranges at a time (the apply benchmark's floor-par reads).
+            "read-par": [py, str(Path(__file__).with_name("io_floor.py")), "--read",
+                         *map(str, sorted(Path(a).glob("*.safetensors")) + sorted(Path(b).glob("*.safetensors"))),
+                         "--threads", str(len(os.sched_getaffinity(0)))],
             "stats": [py, "-c", STATS, "stats", a, b, "--json", str(root / "stats.json"), "--quiet"],
             "stats-ts": [py, "-c", STATS, "stats", a, b, "--json", str(root / "stats-ts.json"), "--quiet"],
             "naive": [py, "-c", NAIVE, a, b, str(root / "naive.json")],
