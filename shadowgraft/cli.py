@@ -15,6 +15,7 @@ import click
 
 from .commands import apply, demo, diff, push, shadow_ft, stats, train, verify
 from .display import err, print_error
+from .ending import end
 from .errors import ShadowgraftError
 from .heap import pause
 
@@ -41,15 +42,22 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-def console() -> None:
-    """The ``shadowgraft`` script and ``python -m shadowgraft``: ``main`` in a process of its own.
+def console(argv: list[str] | None = None) -> None:
+    """The ``shadowgraft`` script, ``python -m shadowgraft`` and ``python -m shadowgraft.train``:
+    ``main`` in a process of its own.
 
     The collector is paused until the command has imported its libraries
     (``heap.imported``): a process that ends with the command need never
-    look at those objects again.
+    look at those objects again. The process ends through ``ending.end``,
+    which skips the interpreter's teardown where a process group's threads
+    could not survive it.
     """
     pause()
-    main()
+    try:
+        main(argv)
+    except SystemExit as e:
+        end(e.code)
+    end(0)
 
 
 def main(argv: list[str] | None = None) -> None:

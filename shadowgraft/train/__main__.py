@@ -2,9 +2,7 @@
 
 import sys
 
-from ..cli import main
-from ..heap import pause
+from ..cli import console
 
 if __name__ == "__main__":
-    pause()
-    main(["train", *sys.argv[1:]])
+    console(["train", *sys.argv[1:]])

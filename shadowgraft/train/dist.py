@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ending import threads_outlive_teardown
 from ..errors import ShadowgraftError
 
 
@@ -82,6 +83,7 @@ def setup(device: str = "auto") -> Dist:
     owns = world > 1 and not torch.distributed.is_initialized()
     if owns:
         torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        threads_outlive_teardown()
     return Dist(rank=rank, world=world, local_rank=local, device=dev, owns_group=owns)
 
 
