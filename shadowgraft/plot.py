@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import ShadowgraftError
+from . import reportfile
 from .display import fmt
+from .errors import ShadowgraftError
 
 
 def check_plot(path: str | Path) -> None:
@@ -68,5 +69,7 @@ def plot(r, path: Path) -> Path:
 
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.savefig(path)
+    fmt_ = path.suffix.lower().lstrip(".")
+    reportfile.write(path, "plot", "--plot",
+                     lambda tmp: fig.savefig(tmp, format=fmt_, metadata={"Creator": reportfile.PLOT_CREATOR}))
     return path

@@ -218,6 +218,15 @@ class Report:
         """Rich tables: summary, then per layer / module / tensor, the ``top`` most different tensors, the verdict."""
         _print(self, console, by=by, top=top)
 
+    def nonfinite_note(self) -> str | None:
+        """The line naming the tensors with NaN/Inf (rich markup), printed even by ``stats --quiet``."""
+        if not self.summary.n_nonfinite:
+            return None
+        from .display import shown
+
+        bad = [x.name for x in self.tensors if x.sums.nonfinite]
+        return f"[yellow]NaN/Inf values[/] in {self.summary.n_nonfinite} tensor(s): {shown(_names(bad))}"
+
     def plot(self, path: str | Path) -> Path:
         """Sigma per layer, one line per module kind (and the T-A vs B-A figures with a tuned model); PNG or SVG."""
         from .plot import plot
@@ -339,8 +348,7 @@ def _print(r: Report, console, *, by: str, top: int) -> None:
         con.print(f"[yellow]mismatched[/] {shown(m.name)}: A {_shape(m.shape_a)} {m.dtype_a} vs B {_shape(m.shape_b)} {m.dtype_b}; "
                   f"compared: {m.compared}", emoji=False)
     if s.n_nonfinite:
-        bad = [x.name for x in r.tensors if x.sums.nonfinite]
-        con.print(f"[yellow]NaN/Inf values[/] in {s.n_nonfinite} tensor(s): {shown(_names(bad))}", emoji=False)
+        con.print(r.nonfinite_note(), emoji=False)
     color = {"close": "green", "graftable": "yellow"}.get(s.band, "red")
     con.print(f"[bold {color}]verdict[/]: {shown(s.verdict)}", emoji=False)
 

@@ -222,6 +222,8 @@ def test_strict_fails_on_nan_with_one_line(tmp_path, capsys):
     a = write_checkpoint(tmp_path / "a", names, lambda n, sh: randn(n, sh, 0), dtype=torch.float32)
     b = write_checkpoint(tmp_path / "b", names, lambda n, sh: randn(n, sh, 1).fill_(float("inf")), dtype=torch.float32)
     main(["stats", str(a), str(b), "--quiet"])
+    # --quiet drops the tables, never the NaN/Inf line.
+    assert capsys.readouterr().err.strip() == "NaN/Inf values in 1 tensor(s): model.layers.0.mlp.up_proj.weight"
     with pytest.raises(SystemExit) as e:
         main(["stats", str(a), str(b), "--strict", "--quiet"])
     assert e.value.code == 1

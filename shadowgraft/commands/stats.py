@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
+from .. import reportfile
 from ..display import err, out, shown
 from ..errors import ShadowgraftError
 from ..heap import imported
@@ -47,6 +49,13 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
 
     if json_out == "-" and csv_out == "-":
         raise click.UsageError("only one of --json and --csv can be '-' (stdout)")
+    files = [(o, path, kind) for o, path, kind in (("--json", json_out, "json"), ("--csv", csv_out, "csv"),
+                                                    ("--plot", plot_out, "plot")) if path and path != "-"]
+    for i, (o, path, kind) in enumerate(files):
+        for o2, path2, _ in files[:i]:
+            if os.path.abspath(os.path.expanduser(path)) == os.path.abspath(os.path.expanduser(path2)):
+                raise click.UsageError(f"{o2} and {o} name the same file, {path}; give each its own")
+        reportfile.check_target(path, kind, o)
     if plot_out:
         check_plot(plot_out)
     # With '-' stdout carries exactly one document; everything human goes to stderr.
@@ -62,13 +71,15 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
                                "check the inputs, or drop --strict to report them per tensor")
     if not quiet:
         report.print(con, by=by, top=top)
-    for dest, text in ((json_out, lambda: report.to_json() + "\n"), (csv_out, report.to_csv)):
+    elif report.summary.n_nonfinite:
+        err.print(report.nonfinite_note(), emoji=False)  # never silent, even with --quiet
+    for dest, kind, option, text in ((json_out, "json", "--json", lambda: report.to_json() + "\n"),
+                                     (csv_out, "csv", "--csv", report.to_csv)):
         if dest == "-":
             sys.stdout.write(text())
             sys.stdout.flush()
         elif dest:
-            with open(dest, "w", encoding="utf-8", newline="") as f:
-                f.write(text())
+            reportfile.write_text(dest, kind, option, text())
             if not quiet:
                 con.print(f"wrote {shown(dest)}")
     if plot_out:
