@@ -44,6 +44,14 @@ def check_repo_id(repo_id: str) -> None:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise ShadowgraftError(f"{repo_id}: not a valid Hub repo id ({first_line(exc)}); use org/name") from None
+def check_branch(name: str) -> None:
+    """The parts of git's branch-name rules a typo can break (the Hub applies the rest)."""
+    bad = set(" ~^:?*[\\\x7f")
+    if (not name or name.startswith(("/", "-", ".")) or name.endswith(("/", ".", ".lock")) or ".." in name
+            or "//" in name or "@{" in name or any(c in bad or ord(c) < 32 for c in name)):
+        raise ShadowgraftError(f"'{name}' is not a valid branch name; use letters, digits and -_./ (e.g. dev or exp/alpha-0.5)")
+
+
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
          commit_message: str | None = None, token: str | None = None) -> str:
     """Check that ``folder`` is a complete checkpoint, then upload it to ``repo_id``; returns the repo URL.
@@ -59,7 +67,12 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
 
     path = Path(folder).expanduser()
     check_push_target(repo_id, what=str(path))
+    if revision is not None:
+        check_branch(revision)
     local = check_folder(path)
+    # Exactly the checked files: upload_folder would also send hidden files
+    # (an .env with a token) and sub-folders (a trainer's checkpoint-500/).
+    allow = sorted(glob.escape(f) for f in local)
     api = HfApi(token=token)
     retry = ["shadowgraft", "push", str(path), repo_id] + (["--revision", revision] if revision else [])
     hint = f"; then retry: {shlex.join(retry)}"
@@ -69,15 +82,17 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         large = getattr(api, "upload_large_folder", None)
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        size = sum((path / f).stat().st_size for f in local)
         if large is not None and size > LARGE_FOLDER_BYTES:
             # Many commits, resumable; it takes no commit message and deletes nothing.
-            large(repo_id=repo_id, folder_path=str(path), repo_type="model", revision=revision, private=private)
+            large(repo_id=repo_id, folder_path=str(path), repo_type="model", revision=revision, private=private,
+                  allow_patterns=allow)
         else:
             remote = api.list_repo_files(repo_id, revision=revision, repo_type="model")
             stale = [f for f in remote if "/" not in f and f.endswith((".safetensors", INDEX_PATTERN[1:])) and f not in local]
             api.upload_folder(repo_id=repo_id, folder_path=str(path), repo_type="model", revision=revision,
-                              commit_message=message, delete_patterns=[glob.escape(f) for f in stale] or None)
+                              commit_message=message, allow_patterns=allow,
+                              delete_patterns=[glob.escape(f) for f in stale] or None)
     return f"{url.rstrip('/')}/tree/{revision}" if revision else url
 
 
@@ -109,14 +124,26 @@ def check_folder(path: Path) -> set[str]:
     report = verify(path, full=False)
     if report.problems:
         raise ShadowgraftError(f"not pushed: {report.problems[0]}")
-    return {p.name for p in path.iterdir() if p.is_file()}
+    names = {p.name for p in path.iterdir()}
+    if not names & {"config.json", "adapter_config.json"} and (read_record(path) or {}).get("kind") != "delta":
+        raise ShadowgraftError(f"not pushed: {path} has no config.json (nor adapter_config.json), so the Hub copy "
+                               "could not be loaded; copy the config of the model it came from into the folder")
+    return {n for n in names if not n.startswith(".") and (path / n).is_file()}
+
+
+def left_out(path: str | os.PathLike) -> list[str]:
+    """What ``push`` does not upload from ``path``: hidden entries and sub-folders (a folder's name ends in /)."""
+    p = Path(path).expanduser()
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in p.iterdir() if e.name.startswith(".") or e.is_dir())
 
 
 def _default_message(path: Path) -> str:
     try:
         record = read_record(path) or {}
         ins = record["inputs"]["instruct"]
-        return f"Shadow-FT graft onto {ins.get('repo_id') or ins.get('source')} (alpha={record['alpha']}, scope={record['scope']})"
+        # A local path says nothing to the repo's readers and may say too much about this machine.
+        name = ins.get("repo_id") or Path(ins.get("path") or ins.get("source")).name
+        return f"Shadow-FT graft onto {name} (alpha={record['alpha']}, scope={record['scope']})"
     except (OSError, ShadowgraftError, KeyError, TypeError):
         return "Upload checkpoint with shadowgraft"
 

@@ -12,6 +12,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 import shadowgraft
 from shadowgraft import ShadowgraftError, publish
+from shadowgraft.diff import diff
 
 from .test_hub import run_cli
 
@@ -38,7 +39,11 @@ class FakeHub:
             return fake.remote
 
         def upload_folder(self, **kw):
-            kw["files"] = sorted(p.name for p in Path(kw["folder_path"]).iterdir())
+            # What upload_folder itself would send: every file below the folder, filtered by its patterns.
+            root = Path(kw["folder_path"])
+            every = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+            kw["files"] = list(filter_repo_objects(every, allow_patterns=kw.get("allow_patterns"),
+                                                   ignore_patterns=kw.get("ignore_patterns")))
             fake.calls.append(("upload_folder", kw))
             return "https://huggingface.co/commit/1"
 
@@ -117,8 +122,10 @@ def test_large_folders_use_upload_large_folder_when_available(grafted, monkeypat
     monkeypatch.setattr(HfApi, "upload_large_folder", upload_large_folder, raising=False)
     publish.push(grafted, "me/big", private=True, revision="r")
     assert fake.names() == ["create_repo", "create_branch", "upload_large_folder"]
-    assert fake.get("upload_large_folder") == {"repo_id": "me/big", "folder_path": str(grafted), "repo_type": "model",
-                                                "revision": "r", "private": True}
+    up = fake.get("upload_large_folder")
+    allow = up.pop("allow_patterns")
+    assert up == {"repo_id": "me/big", "folder_path": str(grafted), "repo_type": "model", "revision": "r", "private": True}
+    assert allow == sorted(p.name for p in grafted.iterdir())
 
 
 def _broken(folder: Path, how: str) -> str:
@@ -200,4 +207,44 @@ def test_push_refuses_a_folder_holding_anything_but_its_own_regular_files(grafte
             "folder link": "is a link pointing outside the checkpoint folder"}[what]
     with pytest.raises(ShadowgraftError, match=f"^not pushed: {re.escape(str(entry))}: {want}"):
         publish.push(grafted, "me/graft")
+    assert fake.calls == []
+
+
+def test_push_sends_only_the_checked_files_and_names_what_it_left_out(grafted, monkeypatch, capsys):
+    """Hidden files (an .env with a token) and sub-folders (a trainer's checkpoint) never reach the Hub."""
+    fake = FakeHub(monkeypatch)
+    before = sorted(p.name for p in grafted.iterdir())
+    (grafted / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (grafted / "checkpoint-500").mkdir()
+    (grafted / "checkpoint-500" / "optimizer.pt").write_bytes(b"pickle")
+    code, out, err = run_cli(["push", str(grafted), "me/graft"], capsys)
+    assert code == 0 and out.strip() == "https://huggingface.co/me/graft"
+    assert fake.get("upload_folder")["files"] == before
+    assert " ".join(err.split()) == "left out (hidden entries and sub-folders are never pushed): .env, checkpoint-500/"
+
+
+def test_the_default_commit_message_names_a_local_instruct_by_its_folder_name(grafted, monkeypatch):
+    fake = FakeHub(monkeypatch)
+    publish.push(grafted, "me/graft")
+    assert fake.get("upload_folder")["commit_message"] == "Shadow-FT graft onto instruct (alpha=1.0, scope=linear)"
+
+
+def test_a_folder_without_a_config_is_refused_but_a_delta_is_pushed(grafted, tmp_path, trio, monkeypatch):
+    fake = FakeHub(monkeypatch)
+    (grafted / "config.json").unlink()
+    with pytest.raises(ShadowgraftError, match=f"^not pushed: {re.escape(str(grafted))} has no config.json"):
+        publish.push(grafted, "me/graft")
+    assert fake.calls == []
+    delta = tmp_path / "delta"
+    diff(base=trio["base"], tuned=trio["tuned"], output=delta)
+    assert not (delta / "config.json").exists()
+    publish.push(delta, "me/delta")
+    assert fake.get("upload_folder")["files"] == sorted(p.name for p in delta.iterdir())
+
+
+@pytest.mark.parametrize("branch", ["", "../../x", "a b", "x.lock", "-x"])
+def test_a_bad_branch_name_is_a_usage_error(grafted, monkeypatch, capsys, branch):
+    fake = FakeHub(monkeypatch)
+    code, out, err = run_cli(["push", str(grafted), "me/graft", "--revision", branch], capsys)
+    assert code == 2 and "is not a valid branch name" in err
     assert fake.calls == []

@@ -106,6 +106,12 @@ def _density(value: float) -> None:
         raise ShadowgraftError(f"{value} is not in (0, 1]")
 
 
+def _branch(value: str) -> None:
+    from ..publish import check_branch
+
+    check_branch(value)
+
+
 def _repo_id(value: str) -> None:
     from ..publish import check_repo_id
 
@@ -121,6 +127,7 @@ size_text = _api_check(_size)
 regexes = _api_check(_regexes)
 out_file = _api_check(_out_file)
 repo_id = _api_check(_repo_id)
+branch = _api_check(_branch)
 weights = _api_check(_weights)
 density = _api_check(_density)
 
