@@ -48,10 +48,19 @@ _KIND_ORDER = ["q", "k", "v", "kv", "qkv", "attn", "o", "router", "gate", "up", 
                "norm", "embed", "lm_head", "other"]
 
 
+def _norms(ok: list[TensorRow]) -> tuple[float, float]:
+    """rel_l2 and cosine over the finite tensors only: one NaN tensor leaves the rest measured, as sigma does."""
+    if not ok:
+        return math.nan, math.nan
+    s = sum((r.sums for r in ok), Sums())
+    return s.rel_l2, s.cosine
+
+
 def _group(key, rows: list[TensorRow], fam: str | None, tower: str | None = None) -> Group:
     ok = _finite(rows)
     sig = [r.sigma for r in ok]
     s = sum((r.sums for r in rows), Sums())
+    rel_l2, cosine = _norms(ok)
     deltas = [r.delta for r in rows if r.delta is not None]
     d = sum(deltas, DeltaSums()) if deltas else None
     return Group(
@@ -59,7 +68,7 @@ def _group(key, rows: list[TensorRow], fam: str | None, tower: str | None = None
         sigma_mean=statistics.fmean(sig) if sig else math.nan,
         sigma_max=max(sig) if sig else math.nan,
         sigma_weighted=_weighted(ok),
-        rel_l2=s.rel_l2 if not s.nonfinite else math.nan, cosine=s.cosine if not s.nonfinite else math.nan,
+        rel_l2=rel_l2, cosine=cosine,
         identical=s.identical, delta_ratio=d.ratio if d else None, delta_cosine=d.cosine if d else None, tower=tower,
     )
 
@@ -105,12 +114,12 @@ def summarize(rows: list[TensorRow], *, threshold: float = THRESHOLD, close: flo
     deltas = [r.delta for r in use if r.delta is not None]
     d = sum(deltas, DeltaSums()) if deltas else None
     mean = statistics.fmean(sig) if sig else math.nan
+    rel_l2, cosine = _norms(ok)
     summary = Summary(
         sigma_mean=mean, sigma_median=statistics.median(sig) if sig else math.nan,
         sigma_max=sig[-1] if sig else math.nan, sigma_min=sig[0] if sig else math.nan,
         sigma_weighted=_weighted(ok), n_tensors=len(ok), basis=basis, n_compared=len(rows),
-        numel=s.numel, rel_l2=s.rel_l2 if not s.nonfinite else math.nan,
-        cosine=s.cosine if not s.nonfinite else math.nan, identical=s.identical,
+        numel=s.numel, rel_l2=rel_l2, cosine=cosine, identical=s.identical,
         n_nonfinite=sum(1 for r in rows if r.sums.nonfinite), threshold=threshold,
         graftable=bool(mean < threshold), verdict="", close=close,
         band=band_of(mean, close=close, threshold=threshold),
@@ -129,9 +138,11 @@ def verdict(s: Summary, rows: list[TensorRow], k: int = 3) -> str:
     if many and s.basis == "block":
         lang = any(r.tower == "language" and r.layer is not None for r in rows)
         what = "sigma_mean of the language model" if lang else "sigma_mean over every tower's blocks"
-    layers = sorted(group_rows(rows, by="layer"), key=lambda g: -_nz(g.sigma_mean))[:k]
-    mods = sorted((g for g in group_rows(rows, by="module") if g.family in ("attn", "mlp", "norm")),
-                  key=lambda g: -_nz(g.sigma_mean))[:k]
+    # Only measured groups can be "most divergent": a group whose every tensor holds NaN/Inf has no sigma.
+    layers = sorted((g for g in group_rows(rows, by="layer") if math.isfinite(g.sigma_mean)),
+                    key=lambda g: -g.sigma_mean)[:k]
+    mods = sorted((g for g in group_rows(rows, by="module") if g.family in ("attn", "mlp", "norm") and math.isfinite(g.sigma_mean)),
+                  key=lambda g: -g.sigma_mean)[:k]
     where = []
     if layers:
         where.append("layers " + ", ".join(f"{_layer_label(g, many)} ({g.sigma_mean:.4f})" for g in layers))
