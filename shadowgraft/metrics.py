@@ -19,6 +19,8 @@ Values where a denominator is zero are defined, never NaN:
 
 A NaN or Inf in either input makes sigma, rel_l2 and cosine NaN (counted in
 ``nan_a`` / ``inf_a`` / ``nan_b`` / ``inf_b``); nothing is silently dropped.
+Finite inputs whose sums fp32 cannot hold are summed again in float64
+(``from_parts``).
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def cosine(dot: float, sq_x: float, sq_y: float) -> float:
         return 1.0
     if sq_x == 0 or sq_y == 0:
         return 0.0
-    c = dot / math.sqrt(sq_x * sq_y)
+    c = dot / (math.sqrt(sq_x) * math.sqrt(sq_y))  # not sqrt(sq_x * sq_y): that product leaves float64 first
     return max(-1.0, min(1.0, c)) if c == c else c
 
 
@@ -243,21 +245,37 @@ def from_parts(parts: torch.Tensor, n: int, step: int, *, tuned: bool,
     max_abs = float(parts[:, MAX_ABS].max())
     sq_a, sq_b = tot[SQ_A], tot[SQ_B]
     n_diff, nan_a, inf_a, nan_b, inf_b = int(tot[N_DIFF]), 0, 0, 0, 0
-    if not math.isfinite(tot[ABS_A] + tot[ABS_B] + tot[ABS_D] + sq_a + sq_b):
-        # Rare path: |x| keeps NaN as NaN and Inf as Inf, so count them now,
-        # and recount differences and the largest one with NaN propagated.
+    if not math.isfinite(tot[ABS_A] + tot[ABS_B] + tot[ABS_D] + sq_a + sq_b + tot[SQ_D]) or _underflowed(tot):
+        # Rare path: NaN/Inf in an input, or finite values the fp32 steps
+        # could not hold (|A - B| or a square past 3.4e38, as F64 or huge F32
+        # values give; squares of values under 1e-19 flushed to zero). Count
+        # NaN/Inf in the values as stored; where there are none, every sum
+        # again in float64, so finite inputs always get finite, right figures.
         a, b = values()
+        f64 = [0.0] * 6
         n_diff, max_abs = 0, 0.0
         for s in range(0, n, step):
-            x, y = a[s : s + step].float(), b[s : s + step].float()
+            x, y = a[s : s + step], b[s : s + step]
             nan_a, nan_b = nan_a + int(torch.isnan(x).sum()), nan_b + int(torch.isnan(y).sum())
             inf_a, inf_b = inf_a + int(torch.isinf(x).sum()), inf_b + int(torch.isinf(y).sum())
-            n_diff += x.numel() - int((x - y == 0).sum())
-            max_abs = _nanmax(max_abs, float(torch.amax((x - y).abs())))
+            x, y = x.double(), y.double()
+            d = x - y
+            n_diff += x.numel() - int((d == 0).sum())
+            max_abs = _nanmax(max_abs, float(torch.amax(d.abs())) if d.numel() else 0.0)
+            for k, v in enumerate((x, y, d)):
+                f64[k] += float(v.abs().sum())
+                f64[3 + k] += float((v * v).sum())
+        if not nan_a + inf_a + nan_b + inf_b:
+            tot[ABS_A], tot[ABS_B], tot[ABS_D], sq_a, sq_b, tot[SQ_D] = f64
     sums = Sums(n, tot[ABS_A], tot[ABS_B], tot[ABS_D], sq_a, sq_b, tot[SQ_D], max_abs, n_diff, nan_a, inf_a, nan_b,
                 inf_b)
     delta = DeltaSums(tot[SQ_T], tot[SQ_D], 0.0 - tot[NEG_DOT]) if tuned else None  # 0.0, not -0.0
     return sums, delta
+
+
+def _underflowed(tot: list[float]) -> bool:
+    """A square sum of zero beside a nonzero sum of magnitudes: every square flushed to zero in fp32."""
+    return any(tot[sq] == 0 and tot[ab] > 0 for sq, ab in ((SQ_A, ABS_A), (SQ_B, ABS_B), (SQ_D, ABS_D)))
 
 
 def tensor_sums(a: torch.Tensor, b: torch.Tensor, *, tuned: torch.Tensor | None = None, chunk: int = 1 << 18):

@@ -176,3 +176,22 @@ def test_mismatched_lengths_raise():
     with pytest.raises(ValueError, match="element counts differ: 3 vs 4"):
         tensor_sums(torch.zeros(3), torch.zeros(4))
     assert Sums().sigma == 0.0
+
+
+@pytest.mark.parametrize("case", ["fp32 difference overflows", "fp32 squares overflow", "squares underflow", "F64 past fp32"])
+def test_finite_inputs_fp32_cannot_hold_get_float64_figures_not_nan(case):
+    """Finite values whose difference or squares leave fp32's range are summed again in float64, never reported as
+    NaN/Inf inputs (weights like these are rare; a report must still be right about them)."""
+    g = torch.Generator().manual_seed(3)
+    a = 1 + torch.rand(1000, generator=g)  # magnitudes in [1, 2): each side fits fp32 at every scale below
+    b = -(1 + torch.rand(1000, generator=g))
+    scale, dtype = {"fp32 difference overflows": (1.5e38, torch.float32), "fp32 squares overflow": (1e19, torch.float32),
+                    "squares underflow": (1e-40, torch.float32), "F64 past fp32": (1e100, torch.float64)}[case]
+    a, b = (a.double() * scale).to(dtype), (b.double() * scale).to(dtype)
+    s = tensor_sums(a, b, chunk=256)
+    want = ref(a, b)
+    assert s.nonfinite == 0
+    for k in ("sigma", "rel_l2", "cosine", "max_abs"):
+        assert math.isfinite(getattr(s, k))
+        assert getattr(s, k) == pytest.approx(want[k], rel=1e-12)
+    assert s.n_diff == 1000
