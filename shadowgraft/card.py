@@ -11,6 +11,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from .files import regular_file
+
 # Fields of the instruct model's card that still hold for the graft.
 _INHERITED = ("license", "license_name", "license_link", "language", "pipeline_tag")
 _ROLES = ("instruct", "base", "tuned", "delta", "adapter")
@@ -20,14 +22,19 @@ _SIGMA_ORDER = ("sigma_mean", "sigma_median", "sigma_max", "sigma_min", "sigma_w
 def inherited_metadata(instruct_root: Path | None) -> dict:
     """License (and language, pipeline tag) from the instruct model's README.md, when it has YAML metadata."""
     card = None if instruct_root is None else Path(instruct_root) / "README.md"
-    if card is None or not card.is_file():
+    if card is None or not (card.exists() or card.is_symlink()):
         return {}
-    from huggingface_hub import ModelCard
+    # Read only a regular file of the folder: a link could point at any file
+    # of this machine, and its metadata would be published with the graft.
+    # (writer.side_files refuses such a README before the run; this is the last guard.)
+    regular_file(card, Path(instruct_root))
+    from huggingface_hub.repocard import metadata_load
+
     try:
-        data = ModelCard.load(card).data.to_dict()
+        data = metadata_load(card) or {}  # ModelCard.load would print a warning for a card without metadata
     except Exception:  # unreadable or malformed front matter: nothing trustworthy to copy
         return {}
-    return {k: data[k] for k in _INHERITED if data.get(k)}
+    return {k: data[k] for k in _INHERITED if isinstance(data, dict) and data.get(k)}
 
 
 def card_text(record: dict, *, instruct_root: Path | None = None) -> str:

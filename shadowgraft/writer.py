@@ -77,6 +77,10 @@ def side_files(src: Path | None) -> list[Path]:
         if p.is_dir() and not p.is_symlink():
             continue
         found.append(regular_file(p, src))
+    # Not copied, but its license and language go into the output's card: the same rule.
+    readme = src / "README.md"
+    if readme.exists() or readme.is_symlink():
+        regular_file(readme, src)
     return found
 
 

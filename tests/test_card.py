@@ -9,10 +9,11 @@ import pytest
 from huggingface_hub import ModelCard
 
 import shadowgraft
-from shadowgraft import Checkpoint
-from shadowgraft.card import card_text, pinned_command, write_card
+from shadowgraft import Checkpoint, ShadowgraftError
+from shadowgraft.card import card_text, inherited_metadata, pinned_command, write_card
 from shadowgraft.synthetic import Shape, make_trio
 
+from .conftest import run_cli
 from .test_hub import to_cache
 
 IDS = {"instruct": "Qwen/Qwen3-4B-Instruct-2507", "base": "Qwen/Qwen3-4B-Base", "tuned": "me/qwen3-4b-base-math"}
@@ -139,3 +140,23 @@ def test_pinned_command():
                                    "--output 'a b'")
     # Unparseable quoting is shown as it was run.
     assert pinned_command(record(command="shadowgraft apply --output 'a")) == "shadowgraft apply --output 'a"
+
+
+def test_a_card_without_metadata_is_read_without_a_warning(tmp_path, capfd):
+    (tmp_path / "README.md").write_text("# no front matter at all\n")
+    assert inherited_metadata(tmp_path) == {}
+    assert capfd.readouterr().err == ""
+
+
+def test_an_instruct_readme_linking_out_of_the_folder_refuses_the_graft(trio, tmp_path, capsys):
+    """Its metadata would go into the output's card: a link could publish any file's license lines."""
+    secret = tmp_path / "secret.md"
+    secret.write_text("---\nlicense: other\nlicense_name: hunter2\n---\n")
+    (trio["instruct"] / "README.md").symlink_to(secret)
+    code, out, err = run_cli(capsys, "apply", "--instruct", trio["instruct"], "--base", trio["base"],
+                             "--tuned", trio["tuned"], "-o", tmp_path / "out")
+    assert code == 1
+    assert f"error: {trio['instruct'] / 'README.md'}: is a link pointing outside the checkpoint folder" in " ".join(err.split())
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ShadowgraftError, match="is a link pointing outside the checkpoint folder"):
+        inherited_metadata(trio["instruct"])
