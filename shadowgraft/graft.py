@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -142,9 +142,14 @@ def apply(
             if failed:
                 raise ShadowgraftError(f"{len(failed)} of {len(groups)} tuned checkpoints failed: " + "; ".join(failed))
             return Result(jobs[0].plan if jobs else None, None)
-        for job in jobs:
-            job.out.final.parent.mkdir(parents=True, exist_ok=True)
-        refused = _write(ins, jobs, dev=dev, strict=strict, progress=progress, command=command, extra=extra)
+        made = _make_parents(job.out.final.parent for job in jobs)
+        try:
+            refused = _write(ins, jobs, dev=dev, strict=strict, progress=progress, command=command, extra=extra)
+        finally:
+            # A folder this run made and no output filled (every output refused, or interrupted) goes again.
+            for d in reversed(made):
+                with suppress(OSError):
+                    d.rmdir()
     written = [j for j in jobs if not any(f.startswith(f"{j.label}: ") for f in refused)]
     result = Result(jobs[0].plan, jobs[0].out.final, jobs[0].stats, outputs=[j.out.final for j in written],
                     results=[OutputResult(j.out.final, j.plan, j.plan.alpha, j.stats) for j in written])
@@ -154,12 +159,28 @@ def apply(
             what = f"{len(failed) + len(refused)} of {len(groups)} tuned checkpoints"
         else:
             what = f"{len(failed) * len(alphas) + len(refused)} of {len(groups) * len(alphas)} outputs"
-        raise ShadowgraftError(f"{what} failed (the other outputs are complete): " + "; ".join(failed + refused))
+        rest = " (the other outputs are complete)" if written else ""
+        raise ShadowgraftError(f"{what} failed{rest}: " + "; ".join(failed + refused))
     if push_to_hub:
         from .publish import push
 
         result.url = push(result.output, push_to_hub, private=private)
     return result
+
+
+def _make_parents(folders) -> list[Path]:
+    """Create each missing folder (and its missing parents); returns the ones created, parents first."""
+    made: list[Path] = []
+    for folder in folders:
+        missing = []
+        p = Path(folder)
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir(exist_ok=True)
+            made.append(d)
+    return made
 
 
 def _check_output(output, *, nested: bool, inputs: list) -> None:

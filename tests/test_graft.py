@@ -347,3 +347,17 @@ def test_a_bad_checkpoint_in_an_alpha_grid_counts_every_output_it_misses(tmp_pat
                           alpha="0.5,1")
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-1").iterdir()) == ["alpha-0.5", "alpha-1.0"]
     assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_a_grid_whose_every_output_is_refused_leaves_no_folder(tmp_path, trio):
+    """--strict refuses both alphas (their grafts overflow bf16): the output root this run made goes again."""
+    with pytest.raises(ShadowgraftError, match=r"^2 of 2 outputs failed: output alpha 1e\+300: .*NaN/Inf"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "grid",
+                          alpha="1e300,1e301", strict=True)
+    assert not (tmp_path / "grid").exists()
+    # A root that existed before the run stays, empty or not.
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ShadowgraftError, match=r"^2 of 2 outputs failed: "):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=tmp_path / "mine",
+                          alpha="1e300,1e301", strict=True)
+    assert (tmp_path / "mine").is_dir()
