@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 from .errors import ShadowgraftError
 from .files import INDEX_NAME, regular_file
 from .fp8 import dequantized_config
-from .hub import LICENSE_FILES, SIDE_FILES
+from .hub import INDEX_PATTERN, LICENSE_FILES, SIDE_FILES
 from .shards import Shard
 from .record import RECORD_NAME
 
@@ -101,6 +102,22 @@ def copy_side_files(files: list[Path], dst: Path, *, dequantized: bool = False) 
             shutil.copyfile(p, dst / rel)
         copied.append(rel)
     return copied
+
+
+# What an apply or diff output holds: weights, their index, an adapter's
+# config, the side files and license copied from instruct, the card and the record.
+_OUR_FILES = ("*.safetensors", INDEX_PATTERN, "adapter_config.json", *SIDE_FILES, *LICENSE_FILES,
+              "README.md", RECORD_NAME)
+
+
+def _ours(entry: Path) -> bool:
+    if entry.is_dir() and not entry.is_symlink():
+        return entry.name == CHAT_TEMPLATE_DIR and all(p.is_file() and p.suffix == ".jinja" for p in entry.iterdir())
+    return not entry.name.startswith(".") and any(fnmatch.fnmatchcase(entry.name, pat) for pat in _OUR_FILES)
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def check_output_path(output: str | os.PathLike, *, inputs=()) -> Path:
@@ -207,11 +224,19 @@ class OutputDir:
         # --overwrite replaces what shadowgraft made, never a folder of the user's.
         names = sorted(p.name for p in self.final.iterdir())
         if names and not (self.final / self.marker).is_file():
-            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             raise ShadowgraftError(
-                f"{self.final}: holds {shown} but no {self.marker}, so it is not an earlier shadowgraft output and "
+                f"{self.final}: holds {_listed(names)} but no {self.marker}, so it is not an earlier shadowgraft output and "
                 "--overwrite will not replace it; choose another --output, or empty or remove it yourself"
             )
+        if self.marker == RECORD_NAME:
+            # An earlier graft, delta or adapter, and what the user put in it
+            # since (evaluation results, notes): those are not ours to delete.
+            foreign = [n for n in names if not _ours(self.final / n)]
+            if foreign:
+                raise ShadowgraftError(
+                    f"{self.final}: an earlier shadowgraft output, but it also holds {_listed(foreign)}, which "
+                    "shadowgraft did not write; --overwrite will not delete them: move them out first, or choose another --output"
+                )
 
     def check_space(self, nbytes: int) -> None:
         free = shutil.disk_usage(self.final.parent).free

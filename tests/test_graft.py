@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -122,13 +123,22 @@ def test_existing_output_refused_then_overwritten(tmp_path, trio):
     # An earlier output (it holds shadowgraft.json); a folder without that mark is never replaced (test_writer).
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("x")
+    (out / "model-00003-of-00003.safetensors").write_text("a shard of an earlier, other sharding")
     (out / "shadowgraft.json").write_text("{}")
     with pytest.raises(ShadowgraftError, match="already exists; pass --overwrite"):
         shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=out)
-    assert (out / "keep.txt").exists()
+    # What the user added since is not ours to delete, even in our folder.
+    (out / "eval").mkdir()
+    (out / "eval" / "results.jsonl").write_text("{}\n")
+    (out / "notes.md").write_text("x")
+    with pytest.raises(ShadowgraftError, match=r"also holds eval, notes\.md, which shadowgraft did not write; "
+                                               "--overwrite will not delete them"):
+        shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=out, overwrite=True)
+    assert (out / "notes.md").exists() and (out / "eval" / "results.jsonl").exists()
+    shutil.rmtree(out / "eval")
+    (out / "notes.md").unlink()
     shadowgraft.apply(instruct=trio["instruct"], base=trio["base"], tuned=trio["tuned"], output=out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert not (out / "model-00003-of-00003.safetensors").exists() and (out / "model.safetensors.index.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
