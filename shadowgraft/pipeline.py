@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -54,7 +53,7 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
     from .train.loop import DONE_NAME, train
     from .train.model import require_extra
     from .train.state import latest
-    from .writer import check_output_path
+    from .writer import check_output_path, replacing
 
     check_output_path(output, inputs=[base, instruct, data])
     out = Path(output)
@@ -67,52 +66,58 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
     if out.exists() and any(out.iterdir()) and not stages.is_dir():
         raise ShadowgraftError(f"{out}: exists and is not a shadow-ft run folder (no stages/), so it is left alone; "
                                "choose another --output")
+    foreign = [str(p.relative_to(out)) for p in sorted(out.iterdir()) if p.name not in ("stages", "model")] if out.is_dir() else []
+    foreign += [str(p.relative_to(out)) for p in sorted(stages.iterdir()) if p.name not in ("stats.json", "train")] if stages.is_dir() else []
+    if foreign:
+        raise ShadowgraftError(f"{out}: holds {', '.join(foreign[:4])}{' and more' if len(foreign) > 4 else ''}, which "
+                               "shadow-ft does not write, so it is not a shadow-ft run folder to reuse or replace; "
+                               "move them out first, or choose another --output")
     train_dir = stages / "train"
     opts = {"chat_template_from": str(instruct), **train_options}
     cfg = TrainConfig(model=str(base), data=str(data), output=str(train_dir), **opts)
     cfg.check()
     require_extra(lora=cfg.is_lora)  # before the stats pass, which can take minutes on a large pair
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    stages.mkdir(parents=True, exist_ok=True)
-    warnings: list[str] = []
+    # An earlier run is moved aside until this one is complete: a refused or failed run puts it back.
+    with replacing(out, enabled=overwrite):
+        stages.mkdir(parents=True, exist_ok=True)
+        warnings: list[str] = []
 
-    say("[bold]1/3[/] similarity of base and instruct")
-    similarity = _similarity(base, instruct, stages / "stats.json", max_sigma)
-    sigma = similarity["sigma_mean"]
-    say(f"    sigma_mean {sigma:.4f} over {similarity['n_tensors']} block tensors (threshold {similarity['threshold']})")
-    if not similarity["graftable"]:
-        w = (f"base and instruct differ by sigma_mean {sigma:.4f}, above {similarity['threshold']}: {similarity['verdict']}; "
-             "check that --base is the instruct model's own base")
-        warnings.append(w)
-        say(f"[yellow]warning:[/] {w}")
+        say("[bold]1/3[/] similarity of base and instruct")
+        similarity = _similarity(base, instruct, stages / "stats.json", max_sigma)
+        sigma = similarity["sigma_mean"]
+        say(f"    sigma_mean {sigma:.4f} over {similarity['n_tensors']} block tensors (threshold {similarity['threshold']})")
+        if not similarity["graftable"]:
+            w = (f"base and instruct differ by sigma_mean {sigma:.4f}, above {similarity['threshold']}: {similarity['verdict']}; "
+                 "check that --base is the instruct model's own base")
+            warnings.append(w)
+            say(f"[yellow]warning:[/] {w}")
 
-    data_sha = sha256_file(data)
-    done = train_dir / DONE_NAME
-    if done.is_file():
-        _check_reusable(json.loads(done.read_text()), cfg, data_sha, train_dir)
-        say(f"[bold]2/3[/] training: reusing the finished run in {train_dir}")
-        trained = False
-    else:
-        resume = latest(train_dir) is not None
-        say(f"[bold]2/3[/] training {'(resuming) ' if resume else ''}{base} on {data} -> {train_dir}")
-        train(config=replace(cfg, resume=resume, overwrite=not resume and train_dir.exists()), console=console)
-        trained = True
-    result = json.loads(done.read_text())
+        data_sha = sha256_file(data)
+        done = train_dir / DONE_NAME
+        if done.is_file():
+            _check_reusable(json.loads(done.read_text()), cfg, data_sha, train_dir)
+            say(f"[bold]2/3[/] training: reusing the finished run in {train_dir}")
+            trained = False
+        else:
+            resume = latest(train_dir) is not None
+            say(f"[bold]2/3[/] training {'(resuming) ' if resume else ''}{base} on {data} -> {train_dir}")
+            train(config=replace(cfg, resume=resume, overwrite=not resume and train_dir.exists()), console=console)
+            trained = True
+        result = json.loads(done.read_text())
 
-    say(f"[bold]3/3[/] grafting onto {instruct} -> {out / 'model'}")
-    record = {
-        "training": {"objective": cfg.objective, "data": str(Path(data).absolute()), "data_sha256": data_sha,
-                     "base": str(base),
-                     "examples": _examples(train_dir), "steps": result["steps"], "final_loss": result["loss"],
-                     "hyperparameters": cfg.hyperparameters()},
-        "similarity": {"a": str(base), "b": str(instruct), **{k: similarity[k] for k in
-                       ("sigma_mean", "sigma_median", "sigma_max", "sigma_min", "sigma_weighted", "n_tensors")}},
-    }
-    kind = {"adapter": train_dir} if cfg.is_lora else {"base": base, "tuned": train_dir}
-    res = apply(instruct=instruct, output=out / "model", alpha=alpha, scope=scope, overwrite=True, push_to_hub=push_to_hub,
-                private=private, extra=record, **kind)
-    return PipelineResult(res.output, stages, sigma, trained, res.url, tuple(warnings))
+        say(f"[bold]3/3[/] grafting onto {instruct} -> {out / 'model'}")
+        record = {
+            "training": {"objective": cfg.objective, "data": str(Path(data).absolute()), "data_sha256": data_sha,
+                         "base": str(base),
+                         "examples": _examples(train_dir), "steps": result["steps"], "final_loss": result["loss"],
+                         "hyperparameters": cfg.hyperparameters()},
+            "similarity": {"a": str(base), "b": str(instruct), **{k: similarity[k] for k in
+                           ("sigma_mean", "sigma_median", "sigma_max", "sigma_min", "sigma_weighted", "n_tensors")}},
+        }
+        kind = {"adapter": train_dir} if cfg.is_lora else {"base": base, "tuned": train_dir}
+        res = apply(instruct=instruct, output=out / "model", alpha=alpha, scope=scope, overwrite=True, push_to_hub=push_to_hub,
+                    private=private, extra=record, **kind)
+        return PipelineResult(res.output, stages, sigma, trained, res.url, tuple(warnings))
 
 
 def _similarity(base, instruct, path: Path, max_sigma: float | None) -> dict:

@@ -110,7 +110,8 @@ _OUR_FILES = ("*.safetensors", INDEX_PATTERN, "adapter_config.json", *SIDE_FILES
               "README.md", RECORD_NAME)
 
 
-def _ours(entry: Path) -> bool:
+def output_file(entry: Path) -> bool:
+    """Whether ``entry`` of an output folder is something ``apply``, ``diff`` or ``train`` writes there."""
     if entry.is_dir() and not entry.is_symlink():
         return entry.name == CHAT_TEMPLATE_DIR and all(p.is_file() and p.suffix == ".jinja" for p in entry.iterdir())
     return not entry.name.startswith(".") and any(fnmatch.fnmatchcase(entry.name, pat) for pat in _OUR_FILES)
@@ -191,6 +192,28 @@ def signals_deferred():
             signal.raise_signal(caught[0])
 
 
+@contextmanager
+def replacing(folder: Path, *, enabled: bool = True):
+    """For a run that fills ``folder`` in place (training) and replaces an earlier one (``--overwrite``):
+    the earlier folder is moved aside for the block, put back if the block fails (an error found late,
+    NaN, Ctrl-C), and deleted once it succeeds. Yields the aside path (None when nothing was moved)."""
+    folder = Path(folder)
+    if not (enabled and folder.exists()):
+        yield None
+        return
+    aside = folder.with_name(f".{folder.name}.shadowgraft-previous-{os.getpid()}")
+    with signals_deferred():
+        folder.rename(aside)
+    try:
+        yield aside
+    except BaseException:
+        with signals_deferred():
+            shutil.rmtree(folder, ignore_errors=True)
+            aside.rename(folder)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 class OutputDir:
     """Context manager: a temporary folder that becomes ``final`` on success, vanishes on failure.
 
@@ -231,7 +254,7 @@ class OutputDir:
         if self.marker == RECORD_NAME:
             # An earlier graft, delta or adapter, and what the user put in it
             # since (evaluation results, notes): those are not ours to delete.
-            foreign = [n for n in names if not _ours(self.final / n)]
+            foreign = [n for n in names if not output_file(self.final / n)]
             if foreign:
                 raise ShadowgraftError(
                     f"{self.final}: an earlier shadowgraft output, but it also holds {_listed(foreign)}, which "

@@ -183,3 +183,24 @@ def test_shadow_ft_dpo_grafts_the_preference_tuned_change(pair, tmp_path):
     assert (tr["hyperparameters"]["objective"], tr["hyperparameters"]["beta"]) == ("dpo", 0.2)
     card = (model_dir / "README.md").read_text()
     assert "| objective | dpo |" in card and "| beta | 0.2 |" in card
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_is_complete(pair, tmp_path):
+    """A replacing run that fails (here: malformed data, found once training starts reading it) puts the earlier run back;
+    a folder holding anything shadow-ft does not write is never reused or replaced."""
+    out = tmp_path / "run"
+    kw = dict(base=pair["base"], instruct=pair["instruct"], output=out, lr=1e-2, batch_size=4, grad_accum=1,
+              max_steps=1, gradient_checkpointing=False)
+    shadow_ft(data=pair["data"], **kw)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [}\n')
+    with pytest.raises(ShadowgraftError, match="bad.jsonl:1"):
+        shadow_ft(data=bad, overwrite=True, **kw)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (out / "notes.md").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ShadowgraftError, match=r"holds notes\.md, which shadow-ft does not write"):
+            shadow_ft(data=pair["data"], overwrite=overwrite, **kw)
+    assert (out / "notes.md").read_text() == "mine"

@@ -164,13 +164,22 @@ def test_output_and_resume_refusals(pair, tmp_path):
                             "run without --resume (and with --save-every N to make some)")
     with pytest.raises(ShadowgraftError) as e:
         train(config=cfg(pair, out, max_steps=1, overwrite=True))
-    assert str(e.value) == (f"{out}: is not a training run folder (no training_args.json), so --overwrite will not "
-                            "delete it; choose another --output")
+    want = (f"{out}: is not a training run folder (no training_args.json written by shadowgraft train), so --overwrite "
+            "will not delete it; choose another --output")
+    assert str(e.value) == want
+    (out / "training_args.json").write_text("{}")  # a file of that name is no mark
+    with pytest.raises(ShadowgraftError) as e:
+        train(config=cfg(pair, out, max_steps=1, overwrite=True))
+    assert str(e.value) == want
     (out / "x").unlink()
+    (out / "training_args.json").unlink()
     train(config=cfg(pair, out, max_steps=1, gradient_checkpointing=False))  # an empty folder is fine
-    (out / "x").write_text("")
+    (out / "x").write_text("")  # the user's, added to a finished run: not ours to delete
+    with pytest.raises(ShadowgraftError, match=r"an earlier training run, but it also holds x, which shadowgraft did not "
+                                               r"write; --overwrite will not delete them"):
+        train(config=cfg(pair, out, max_steps=2, save_every=1, overwrite=True, gradient_checkpointing=False))
+    (out / "x").unlink()
     train(config=cfg(pair, out, max_steps=2, save_every=1, overwrite=True, gradient_checkpointing=False))
-    assert not (out / "x").exists()
     with pytest.raises(ShadowgraftError, match="this run already finished; nothing to resume"):
         train(config=cfg(pair, out, max_steps=2, save_every=1, resume=True, gradient_checkpointing=False))
     (out / "train_result.json").unlink()
@@ -291,3 +300,30 @@ def test_a_refused_run_leaves_the_previous_one(pair, tmp_path, monkeypatch):
     with pytest.raises(ShadowgraftError, match="--packing would let packed examples attend to each other"):
         train(config=cfg(pair, out, lr=1e-2, max_steps=2, packing=True, overwrite=True))
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_run_that_fails_late_gives_back_the_run_it_was_replacing(pair, tmp_path):
+    """--overwrite moves the earlier run aside until the new one is complete; NaN weights refuse the save."""
+    out = tmp_path / "run"
+    train(config=cfg(pair, out, max_steps=1, gradient_checkpointing=False))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ShadowgraftError, match=r"(loss|weights) became (nan|inf|NaN)"):
+        train(config=cfg(pair, out, max_steps=3, lr=1e9, overwrite=True, gradient_checkpointing=False))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_weights_that_became_nan_are_never_saved(pair, tmp_path, monkeypatch):
+    from shadowgraft.train import loop
+
+    real = loop._check_finite
+
+    def poisoned(model, d, step, c):
+        next(p for p in model.parameters() if p.requires_grad).data.view(-1)[0] = float("nan")
+        real(model, d, step, c)
+
+    monkeypatch.setattr(loop, "_check_finite", poisoned)
+    with pytest.raises(ShadowgraftError, match=r"^weights became NaN/Inf by step 1 \('.+' and 0 more\); nothing was saved: "
+                                               r"lower --lr \(now 1e-05\)$"):
+        train(config=cfg(pair, tmp_path / "run", max_steps=1, gradient_checkpointing=False))
+    assert not any(p.suffix == ".safetensors" for p in (tmp_path / "run").iterdir())

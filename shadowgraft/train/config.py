@@ -96,8 +96,17 @@ class TrainConfig:
             raise ShadowgraftError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.lora_dropout < 1:
             raise ShadowgraftError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise ShadowgraftError("--max-grad-norm and --weight-decay must not be negative")
+        for flag, v in {"--max-grad-norm": self.max_grad_norm, "--weight-decay": self.weight_decay}.items():
+            if not (v >= 0 and math.isfinite(v)):  # NaN too: a NaN norm switches clipping off silently
+                raise ShadowgraftError(f"{flag} must be a number >= 0, got {v}")
+        if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ShadowgraftError(f"--lora-alpha must be a positive number, got {self.lora_alpha} (0 would train nothing)")
+        # Checked now, not when the weights are saved after the whole run.
+        from ..shards import parse_size
+
+        n = parse_size(self.max_shard_size)
+        if n is not None and n <= 0:
+            raise ShadowgraftError(f"--max-shard-size must be positive, got {self.max_shard_size}")
         if self.resume and self.overwrite:
             raise ShadowgraftError("--resume and --overwrite contradict each other; pass one")
 

@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from rich.console import Console
 
 from ..errors import ShadowgraftError
-from ..writer import check_output_path
+from ..writer import check_output_path, output_file, replacing
 from . import dist as D
 from . import objective as O
 from . import state as S
@@ -100,22 +101,48 @@ def _check_output(cfg: TrainConfig) -> Path | None:
                                    "run without --resume (and with --save-every N to make some)")
     elif busy and not cfg.overwrite:
         raise ShadowgraftError(f"{out}: already exists; pass --resume to continue it or --overwrite to start over")
-    elif busy and not (out / ARGS_NAME).is_file():
-        raise ShadowgraftError(f"{out}: is not a training run folder (no {ARGS_NAME}), so --overwrite will not delete it; "
-                               "choose another --output")
+    elif busy and not _is_run_args(out / ARGS_NAME):
+        raise ShadowgraftError(f"{out}: is not a training run folder (no {ARGS_NAME} written by shadowgraft train), "
+                               "so --overwrite will not delete it; choose another --output")
+    elif busy:
+        foreign = [p.name for p in sorted(out.iterdir()) if not _ours(p)]
+        if foreign:
+            raise ShadowgraftError(f"{out}: an earlier training run, but it also holds {', '.join(foreign[:4])}"
+                                   f"{' and more' if len(foreign) > 4 else ''}, which shadowgraft did not write; "
+                                   "--overwrite will not delete them: move them out first, or choose another --output")
     return ckpt
 
 
-def _claim_output(cfg: TrainConfig, d: D.Dist) -> None:
-    """Empty (``--overwrite``) and create the output folder: only once data and model have loaded, so a
-    refused run never costs the previous one."""
+def _is_run_args(path: Path) -> bool:
+    """``training_args.json`` as this command writes it (a file of that name from another tool is not a mark)."""
+    try:
+        args = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(args, dict) and {"model", "data_sha256", "hyperparameters"} <= args.keys()
+
+
+def _ours(entry: Path) -> bool:
+    """What a training run writes into its folder: logs and marks, checkpoints, the model or adapter with its files."""
+    if entry.name in (ARGS_NAME, LOG_NAME, DONE_NAME, ".final-tmp"):
+        return True
+    if entry.name == S.checkpoints_dir(entry.parent).name:
+        return entry.is_dir() and not entry.is_symlink()
+    return output_file(entry)
+
+
+@contextmanager
+def _claimed(cfg: TrainConfig, d: D.Dist):
+    """Create the output folder for the block, once data and model have loaded. With ``--overwrite`` the
+    earlier run is moved aside, not deleted, until this one has finished: a run that fails late (NaN, a
+    refused value, Ctrl-C) puts it back, so a refused run never costs the previous one."""
     out = Path(cfg.output)
     d.barrier()  # every rank has looked before rank 0 changes anything
-    if d.main:
-        if cfg.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(exist_ok=True)
-    d.barrier()
+    with replacing(out, enabled=cfg.overwrite and d.main):
+        if d.main:
+            out.mkdir(exist_ok=True)
+        d.barrier()
+        yield
 
 
 def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
@@ -134,89 +161,103 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
     if cfg.packing and not packing_isolated(model, list(obj.items[0].input_ids)):
         raise ShadowgraftError(f"{cfg.model}: --packing would let packed examples attend to each other (this model's "
                                "attention ignores position ids, e.g. ALiBi models); train without --packing")
-    _claim_output(cfg, d)
-    meta = S.read(ckpt) if ckpt is not None else None
-    if ckpt is not None:
-        S.load_weights(ckpt, model)
-    model = D.wrap(model, d, lora=cfg.is_lora)
-    torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    with _claimed(cfg, d):
+        meta = S.read(ckpt) if ckpt is not None else None
+        if ckpt is not None:
+            S.load_weights(ckpt, model)
+        model = D.wrap(model, d, lora=cfg.is_lora)
+        torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
-    per_step = cfg.batch_size * cfg.grad_accum * d.world
-    steps_per_epoch = math.ceil(len(obj.items) / per_step)
-    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    warmup = math.ceil(cfg.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total=total, warmup=warmup))
+        per_step = cfg.batch_size * cfg.grad_accum * d.world
+        steps_per_epoch = math.ceil(len(obj.items) / per_step)
+        total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+        warmup = math.ceil(cfg.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total=total, warmup=warmup))
 
-    data_sha = sha256_file(cfg.data)
-    start = 0
-    if ckpt is not None:
-        _check_same_run(ckpt, meta, cfg, data_sha, d)
-        S.load_optimizer(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, d=d, meta=meta)
-        start = meta["step"]
-    log_path = out / LOG_NAME
-    if d.main:
-        write_json(out / ARGS_NAME, _args(cfg, data_sha, template, d, total, len(obj.items)))
-        _truncate_log(log_path, start)
-    d.barrier()
+        data_sha = sha256_file(cfg.data)
+        start = 0
+        if ckpt is not None:
+            _check_same_run(ckpt, meta, cfg, data_sha, d)
+            S.load_optimizer(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, d=d, meta=meta)
+            start = meta["step"]
+        log_path = out / LOG_NAME
+        if d.main:
+            write_json(out / ARGS_NAME, _args(cfg, data_sha, template, d, total, len(obj.items)))
+            _truncate_log(log_path, start)
+        d.barrier()
 
-    model.train()
-    obj.prepare(model, out=out, resumed=ckpt is not None, batch_size=cfg.batch_size)
-    win = [0.0] * len(obj.fields)  # sums of the logged values over the window's units
-    tok_sum = win_units = 0.0
-    win_t, last_loss = time.perf_counter(), None
-    with TrainProgress(total=total, start=start, console=console) as bar:
-        for step in range(start, total):
-            idx = step_examples(len(obj.items), step=step, per_step=per_step, steps_per_epoch=steps_per_epoch,
-                                seed=cfg.seed)
-            micro = [idx[(m * d.world + d.rank) * cfg.batch_size:][: cfg.batch_size] for m in range(cfg.grad_accum)]
-            mine = [i for mb in micro for i in mb]
-            units, tokens = d.sum([obj.units(mine), obj.tokens(mine)])
-            lr = scheduler.get_last_lr()[0]
-            sums = torch.zeros(len(obj.fields), dtype=torch.float64, device=d.device)  # on device: one sync per step
-            for m, mb in enumerate(micro):
-                with D.sync_grads(model, m == len(micro) - 1):
-                    summed, values = obj.loss(model, mb)
-                    # DDP and FSDP average gradients over ranks; scaling by the
-                    # world size turns that into a mean over all units of the step.
-                    (summed * (d.world / units)).backward()
-                sums += values
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            win = [w + s for w, s in zip(win, d.sum(sums.tolist()))]
-            tok_sum, win_units = tok_sum + tokens, win_units + units
-            done = step + 1
-            if done % cfg.log_every == 0 or done == total:
-                now = time.perf_counter()
-                means = {f: w / win_units for f, w in zip(obj.fields, win)}
-                row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": means.pop("loss"),
-                       "lr": lr, "tokens_per_s": round(tok_sum / max(now - win_t, 1e-9), 1), **means}
-                last_loss = row["loss"]
-                if not math.isfinite(last_loss):
-                    raise ShadowgraftError(f"loss became {last_loss} at step {done}; lower --lr (now {cfg.learning_rate:g})")
-                if d.main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                bar.update(row)
-                win = [0.0] * len(obj.fields)
-                tok_sum = win_units = 0.0
-                win_t = now
-            if cfg.save_every and done % cfg.save_every == 0 and done < total:
-                S.save(out, step=done, model=model, optimizer=optimizer, scheduler=scheduler, d=d,
-                       extra={"data_sha256": data_sha, "hyperparameters": cfg.hyperparameters()})
+        model.train()
+        obj.prepare(model, out=out, resumed=ckpt is not None, batch_size=cfg.batch_size)
+        win = [0.0] * len(obj.fields)  # sums of the logged values over the window's units
+        tok_sum = win_units = 0.0
+        win_t, last_loss = time.perf_counter(), None
+        with TrainProgress(total=total, start=start, console=console) as bar:
+            for step in range(start, total):
+                idx = step_examples(len(obj.items), step=step, per_step=per_step, steps_per_epoch=steps_per_epoch,
+                                    seed=cfg.seed)
+                micro = [idx[(m * d.world + d.rank) * cfg.batch_size:][: cfg.batch_size] for m in range(cfg.grad_accum)]
+                mine = [i for mb in micro for i in mb]
+                units, tokens = d.sum([obj.units(mine), obj.tokens(mine)])
+                lr = scheduler.get_last_lr()[0]
+                sums = torch.zeros(len(obj.fields), dtype=torch.float64, device=d.device)  # on device: one sync per step
+                for m, mb in enumerate(micro):
+                    with D.sync_grads(model, m == len(micro) - 1):
+                        summed, values = obj.loss(model, mb)
+                        # DDP and FSDP average gradients over ranks; scaling by the
+                        # world size turns that into a mean over all units of the step.
+                        (summed * (d.world / units)).backward()
+                    sums += values
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                win = [w + s for w, s in zip(win, d.sum(sums.tolist()))]
+                tok_sum, win_units = tok_sum + tokens, win_units + units
+                done = step + 1
+                if done % cfg.log_every == 0 or done == total:
+                    now = time.perf_counter()
+                    means = {f: w / win_units for f, w in zip(obj.fields, win)}
+                    row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": means.pop("loss"),
+                           "lr": lr, "tokens_per_s": round(tok_sum / max(now - win_t, 1e-9), 1), **means}
+                    last_loss = row["loss"]
+                    if not math.isfinite(last_loss):
+                        raise ShadowgraftError(f"loss became {last_loss} at step {done}; lower --lr (now {cfg.learning_rate:g})")
+                    if d.main:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    bar.update(row)
+                    win = [0.0] * len(obj.fields)
+                    tok_sum = win_units = 0.0
+                    win_t = now
+                if cfg.save_every and done % cfg.save_every == 0 and done < total:
+                    S.save(out, step=done, model=model, optimizer=optimizer, scheduler=scheduler, d=d,
+                           extra={"data_sha256": data_sha, "hyperparameters": cfg.hyperparameters()})
 
-    _save_final(out, cfg, model, stored, tokenizer, template, d)
-    result = TrainResult(out, total, start, last_loss, time.perf_counter() - t0, len(obj.items), obj.dropped)
-    if d.main:
-        write_json(out / DONE_NAME, {"steps": total, "start_step": start, "loss": last_loss,
-                                     "seconds": round(result.seconds, 3), "data_sha256": data_sha,
-                                     "hyperparameters": cfg.hyperparameters(), "model": cfg.model})
-    d.barrier()
-    return result
+        _check_finite(model, d, total, cfg)
+        _save_final(out, cfg, model, stored, tokenizer, template, d)
+        result = TrainResult(out, total, start, last_loss, time.perf_counter() - t0, len(obj.items), obj.dropped)
+        if d.main:
+            write_json(out / DONE_NAME, {"steps": total, "start_step": start, "loss": last_loss,
+                                         "seconds": round(result.seconds, 3), "data_sha256": data_sha,
+                                         "hyperparameters": cfg.hyperparameters(), "model": cfg.model})
+        d.barrier()
+        return result
+
+
+def _check_finite(model, d: D.Dist, step: int, cfg: TrainConfig) -> None:
+    """Refuse to save weights that became NaN/Inf: the logged loss is measured before the last update, so a
+    run can end with a finite loss and broken weights."""
+    def local(p):  # an FSDP parameter is a DTensor: look at this rank's shard only
+        return p.to_local() if hasattr(p, "to_local") else p
+
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(local(p.detach())).all())]
+    everywhere = [n for names in d.gather(bad) for n in names]  # every rank's shard: all raise, none hangs
+    if everywhere:
+        raise ShadowgraftError(f"weights became NaN/Inf by step {step} ('{everywhere[0]}' and {len(set(everywhere)) - 1} more); "
+                               f"nothing was saved: lower --lr (now {cfg.learning_rate:g})")
 
 
 def _save_final(out: Path, cfg: TrainConfig, model, stored, tokenizer, template, d: D.Dist) -> None:
