@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from shadowgraft import ShadowgraftError
@@ -173,3 +175,33 @@ def test_collate_pads_right_and_masks():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+
+
+def test_a_line_that_is_not_utf8_is_named_and_a_bom_is_no_content(tmp_path):
+    ok = b'{"text": "a"}\n'
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(ok + ok + b'{"text": "\xff\xfe"}\n')
+    with pytest.raises(ShadowgraftError) as e:
+        read_records(p)
+    assert str(e.value) == f"{p}:3: not UTF-8 text (invalid start byte at byte 10 of the line); save the file as UTF-8"
+    p.write_bytes(b"\xef\xbb\xbf" + ok)
+    assert len(read_records(p)) == 1
+
+
+def test_a_conversation_opening_with_the_assistant_is_refused(tmp_path):
+    rows = [{"text": "a"}, {"text": "b"},
+            {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"},
+                          {"role": "user", "content": "q"}, {"role": "assistant", "content": "y"}]}]
+    p = tmp_path / "d.jsonl"
+    assert_line_error(read_records, p, "".join(json.dumps(r) + "\n" for r in rows),
+                      "the conversation starts with an assistant message; put the user turn it answers before it, "
+                      "or drop the line")
+
+
+def test_a_broken_chat_template_is_one_line_naming_the_record(tmp_path, tok):
+    recs = read_records(write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                                          {"role": "assistant", "content": "a"}]}]))
+    with pytest.raises(ShadowgraftError) as e:
+        encode(recs, tokenizer=tok, chat_template="{% for m in messages %}{{ m.content }", max_length=64, path="d.jsonl")
+    assert str(e.value).startswith("d.jsonl:1: the chat template failed on this record (TemplateSyntaxError: ")
+    assert str(e.value).endswith("); fix the template (--chat-template-from) or the record")

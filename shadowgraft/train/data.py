@@ -78,8 +78,13 @@ def read_records(path: str | Path, *, parse=None) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for n, data in enumerate(f, start=1):
+            try:
+                raw = data.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM, as some editors write, is no content
+            except UnicodeDecodeError as e:
+                raise ShadowgraftError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                                       "save the file as UTF-8") from None
             if raw.strip():
                 out.append(parse(raw, path=path, line=n))
     if not out:
@@ -181,6 +186,12 @@ def _with_system(obj: dict, msgs: list[dict], where: str) -> tuple[dict, ...]:
 def _needs_assistant(msgs: list[dict], where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in msgs):
         raise ShadowgraftError(f"{where}: no assistant message, so nothing to learn from; add one or drop the line")
+    first = next(m["role"] for m in msgs if m["role"] != "system")
+    if first == "assistant":
+        # Its reply would have no prompt to follow: the template's own header
+        # (and any default system prompt) would be trained as if the model wrote it.
+        raise ShadowgraftError(f"{where}: the conversation starts with an assistant message; "
+                               "put the user turn it answers before it, or drop the line")
     return msgs
 
 
@@ -256,7 +267,13 @@ def encode_messages(msgs: tuple[dict, ...], *, tokenizer, template: str, where: 
     def render(ms, gen):
         if not ms:
             return ""
-        return tokenizer.apply_chat_template(ms, chat_template=template, tokenize=False, add_generation_prompt=gen)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(ms, chat_template=template, tokenize=False, add_generation_prompt=gen)
+        except TemplateError as e:  # a syntax error, or the template's own raise_exception on this record
+            raise ShadowgraftError(f"{where}: the chat template failed on this record ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())}); fix the template (--chat-template-from) or the record") from None
 
     text, spans = assistant_spans(msgs, render, where)
     # Earlier replies (a DPO prompt's own turns) stay context: their spans are dropped, not scored.

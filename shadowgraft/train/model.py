@@ -91,7 +91,11 @@ def load_tokenizer(model: str, chat_template_from: str | None):
     template = getattr(tok, "chat_template", None)
     if chat_template_from is not None:
         if chat_template_from.endswith(".jinja") and Path(chat_template_from).is_file():
-            template = Path(chat_template_from).read_text(encoding="utf-8")
+            try:
+                template = Path(chat_template_from).read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ShadowgraftError(f"{chat_template_from}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                       "save the template as UTF-8") from None
         else:
             template = getattr(_tokenizer(chat_template_from), "chat_template", None)
             if not template:
