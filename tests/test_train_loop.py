@@ -18,7 +18,7 @@ from shadowgraft.train.model import require_extra
 
 from .conftest import load
 from .tiny_lm import pair  # noqa: F401  (module fixture)
-from .tiny_lm import assert_same_weights, torchrun_train, qa_rows, tiny_pair, write_jsonl
+from .tiny_lm import CHATML, assert_same_weights, torchrun_train, qa_rows, tiny_pair, write_jsonl
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -187,6 +187,17 @@ def test_output_and_resume_refusals(pair, tmp_path):
         train(config=cfg(pair, out, max_steps=2, save_every=1, resume=True, gradient_checkpointing=False, lr=0.5))
     assert str(e.value) == (f"{out / 'checkpoints/step-00000001'}: was trained with lr=1e-05, not 0.5; "
                             "resume with the same flags or start over with --overwrite")
+    # Another model, or another template behind the same --chat-template-from, is another run.
+    with pytest.raises(ShadowgraftError) as e:
+        train(config=cfg(pair, out, max_steps=2, save_every=1, resume=True, gradient_checkpointing=False,
+                         model=str(pair["instruct"])))
+    assert str(e.value) == (f"{out / 'checkpoints/step-00000001'}: was trained from {pair['base']}, not {pair['instruct']}; "
+                            "resume with the same --model or start over with --overwrite")
+    template = tmp_path / "t.jinja"
+    template.write_text("{# edited #}" + CHATML)
+    with pytest.raises(ShadowgraftError, match="was trained with another chat template than .*t.jinja gives now"):
+        train(config=cfg(pair, out, max_steps=2, save_every=1, resume=True, gradient_checkpointing=False,
+                         chat_template_from=str(template)))
     with pytest.raises(ShadowgraftError, match="--grad-accum must be at least 1, got 0"):
         train(config=cfg(pair, out, grad_accum=0))
 

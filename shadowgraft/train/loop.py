@@ -9,6 +9,7 @@ the same gradients (up to float rounding).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -179,7 +180,7 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
         data_sha = sha256_file(cfg.data)
         start = 0
         if ckpt is not None:
-            _check_same_run(ckpt, meta, cfg, data_sha, d)
+            _check_same_run(ckpt, meta, cfg, data_sha, d, _origin(cfg, template))
             S.load_optimizer(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, d=d, meta=meta)
             start = meta["step"]
         log_path = out / LOG_NAME
@@ -234,7 +235,7 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
                     win_t = now
                 if cfg.save_every and done % cfg.save_every == 0 and done < total:
                     S.save(out, step=done, model=model, optimizer=optimizer, scheduler=scheduler, d=d,
-                           extra={"data_sha256": data_sha, "hyperparameters": cfg.hyperparameters()})
+                           extra={"data_sha256": data_sha, "hyperparameters": cfg.hyperparameters(), **_origin(cfg, template)})
 
         _check_finite(model, d, total, cfg)
         _save_final(out, cfg, model, stored, tokenizer, template, d)
@@ -290,7 +291,21 @@ def _args(cfg: TrainConfig, data_sha: str, template, d: D.Dist, total: int, n: i
             "total_steps": total, "examples": n}
 
 
-def _check_same_run(ckpt: Path, meta: dict, cfg: TrainConfig, data_sha: str, d: D.Dist) -> None:
+def _origin(cfg: TrainConfig, template: str | None) -> dict:
+    """What a resumed run must start from as the first did: the model (a local folder by its absolute path) and the
+    chat template's text (by hash: the same --chat-template-from can hold another template by then)."""
+    model = str(Path(cfg.model).absolute()) if Path(cfg.model).exists() else cfg.model
+    return {"model": model, "template_sha256": None if template is None else hashlib.sha256(template.encode()).hexdigest()}
+
+
+def _check_same_run(ckpt: Path, meta: dict, cfg: TrainConfig, data_sha: str, d: D.Dist, origin: dict) -> None:
+    # Checkpoints from before these keys were recorded carry neither: nothing to compare.
+    if "model" in meta and meta["model"] != origin["model"]:
+        raise ShadowgraftError(f"{ckpt}: was trained from {meta['model']}, not {cfg.model}; resume with the same --model "
+                               "or start over with --overwrite")
+    if "template_sha256" in meta and meta["template_sha256"] != origin["template_sha256"]:
+        raise ShadowgraftError(f"{ckpt}: was trained with another chat template than {cfg.chat_template_from or cfg.model} "
+                               "gives now; resume with the same template or start over with --overwrite")
     if meta.get("data_sha256") != data_sha:
         raise ShadowgraftError(f"{ckpt}: was trained on different data than {cfg.data}; resume with the same file "
                                "or start over with --overwrite")
