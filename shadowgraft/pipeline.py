@@ -83,7 +83,7 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
         warnings: list[str] = []
 
         say("[bold]1/3[/] similarity of base and instruct")
-        similarity = _similarity(base, instruct, stages / "stats.json", max_sigma)
+        similarity = _similarity(base, instruct, stages / "stats.json", max_sigma, scope)
         sigma = similarity["sigma_mean"]
         say(f"    sigma_mean {sigma:.4f} over {similarity['n_tensors']} block tensors (threshold {similarity['threshold']})")
         if not similarity["graftable"]:
@@ -120,7 +120,7 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
         return PipelineResult(res.output, stages, sigma, trained, res.url, tuple(warnings))
 
 
-def _similarity(base, instruct, path: Path, max_sigma: float | None) -> dict:
+def _similarity(base, instruct, path: Path, max_sigma: float | None, scope: str) -> dict:
     """The stats summary for (base, instruct), read back from ``path`` when an earlier run measured this pair."""
     from .compare import stats
     from .summary import THRESHOLD
@@ -129,14 +129,30 @@ def _similarity(base, instruct, path: Path, max_sigma: float | None) -> dict:
     key = {"base": str(base), "instruct": str(instruct), "threshold": threshold}
     if path.is_file():
         old = json.loads(path.read_text())
-        if {k: old.get(k) for k in key} == key:
+        if {k: old.get(k) for k in key} == key and "reshaped" in old:
+            _check_shapes(base, instruct, old["reshaped"], scope)
             return old["summary"]
     report = stats(base, instruct, threshold=threshold)
     summary = report.summary.to_dict()
+    reshaped = [[m.name, list(m.shape_a), list(m.shape_b)] for m in report.mismatched if tuple(m.shape_a) != tuple(m.shape_b)]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**key, "summary": summary}, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps({**key, "summary": summary, "reshaped": reshaped}, indent=2, default=str) + "\n")
     tmp.replace(path)
+    _check_shapes(base, instruct, reshaped, scope)
     return summary
+
+
+def _check_shapes(base, instruct, reshaped: list, scope: str) -> None:
+    """Refuse before training a pair whose grafted tensors differ in shape: the graft would fail only after the whole
+    run. (Outside ``scope``, e.g. an embedding grown by a few tokens, instruct's own tensor is kept.)"""
+    from .naming import in_scope
+
+    reshaped = [r for r in reshaped if in_scope(r[0], tuple(r[2]), scope)]
+    if reshaped:
+        name, a, b = reshaped[0]
+        raise ShadowgraftError(f"'{name}': base {tuple(a)} != instruct {tuple(b)} ({len(reshaped)} tensor(s) differ in "
+                               f"shape), so {base} is not the base of {instruct} and nothing trained on it could be "
+                               "grafted; check --base and --instruct")
 
 
 def _check_reusable(done: dict, cfg, data_sha: str, train_dir: Path) -> None:

@@ -204,3 +204,22 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_is_complete(pair, tmp
         with pytest.raises(ShadowgraftError, match=r"holds notes\.md, which shadow-ft does not write"):
             shadow_ft(data=pair["data"], overwrite=overwrite, **kw)
     assert (out / "notes.md").read_text() == "mine"
+
+
+def test_a_pair_that_differs_in_shape_is_refused_before_training(pair, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(pair["instruct"], other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"] = torch.zeros(32, 48, dtype=torch.bfloat16)
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "run"
+    with pytest.raises(ShadowgraftError) as e:
+        shadow_ft(base=pair["base"], instruct=other, data=pair["data"], output=out, max_steps=1)
+    assert str(e.value) == (f"'model.layers.0.mlp.down_proj.weight': base (32, 64) != instruct (32, 48) (1 tensor(s) differ "
+                            f"in shape), so {pair['base']} is not the base of {other} and nothing trained on it could be "
+                            "grafted; check --base and --instruct")
+    assert not (out / "stages" / "train").exists()
