@@ -139,11 +139,23 @@ def _claimed(cfg: TrainConfig, d: D.Dist):
     refused value, Ctrl-C) puts it back, so a refused run never costs the previous one."""
     out = Path(cfg.output)
     d.barrier()  # every rank has looked before rank 0 changes anything
+    created = not out.exists()
+    fresh = not cfg.resume and (created or not any(out.iterdir()))
     with replacing(out, enabled=cfg.overwrite and d.main):
         if d.main:
             out.mkdir(exist_ok=True)
         d.barrier()
-        yield
+        try:
+            yield
+        except BaseException:
+            # A new run that failed before its first checkpoint leaves nothing to resume: its log and
+            # arguments would only block the next run ("already exists").
+            if d.main and fresh and out.is_dir() and S.latest(out) is None:
+                for p in out.iterdir():
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                if created:
+                    out.rmdir()
+            raise
 
 
 def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
