@@ -17,6 +17,7 @@ from shadowgraft.train.loop import cosine_lr, step_examples
 from shadowgraft.train.model import require_extra
 
 from .conftest import load
+from .conftest import run_cli
 from .tiny_lm import pair  # noqa: F401  (module fixture)
 from .tiny_lm import CHATML, assert_same_weights, torchrun_train, qa_rows, tiny_pair, write_jsonl
 
@@ -338,3 +339,15 @@ def test_weights_that_became_nan_are_never_saved(pair, tmp_path, monkeypatch):
                                                r"lower --lr \(now 1e-05\)$"):
         train(config=cfg(pair, tmp_path / "run", max_steps=1, gradient_checkpointing=False))
     assert not (tmp_path / "run").exists()  # a new run that failed before any checkpoint leaves nothing
+
+
+@pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+                                           (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+                                           (["--max-grad-norm", "nan"], "--max-grad-norm must be a number >= 0, got nan"),
+                                           (["--max-shard-size", "banana"], "size 'banana' not understood"),
+                                           (["--resume", "--overwrite"], "--resume and --overwrite contradict each other")])
+def test_impossible_flag_values_are_usage_errors_before_anything_loads(pair, tmp_path, capsys, flags, message):
+    code, out, err = run_cli(capsys, "train", "--model", pair["base"], "--data", pair["data"], "-o", tmp_path / "o", *flags)
+    assert code == 2 and out == ""
+    assert message in " ".join(err.split())
+    assert not (tmp_path / "o").exists()

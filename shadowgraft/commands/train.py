@@ -7,6 +7,7 @@ import os
 import click
 
 from ..display import err, out
+from ..errors import ShadowgraftError
 from ..heap import imported
 from ._common import MODEL_HELP
 
@@ -60,7 +61,12 @@ def command(**kw) -> None:
 
     imported()
 
-    res = train(config=TrainConfig(**kw), console=err)
+    config = TrainConfig(**kw)
+    try:
+        config.check()  # impossible flag values are usage errors (exit 2), as click's own are
+    except ShadowgraftError as e:
+        raise click.UsageError(str(e)) from None
+    res = train(config=config, console=err)
     if not kw["quiet"] and os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         what = "LoRA adapter" if kw["lora_rank"] else "checkpoint"
         loss = f"{res.loss:.4f}" if res.loss is not None else "-"
