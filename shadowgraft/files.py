@@ -90,6 +90,16 @@ def regular_file(path: Path, root: Path, *, subject: str | None = None, where: P
     return path
 
 
+def stray_shards(folder: Path, layout: "Layout") -> list[str]:
+    """Names of ``.safetensors`` files in ``folder`` that its checkpoint does not use (the index names none of them)."""
+    used = {f.name for f in layout.files}
+    return sorted(p.name for p in folder.glob("*.safetensors") if p.name not in used)
+
+
+def stray_shard(path: Path) -> str:
+    return f"{path} is not part of the checkpoint (the index does not name it); remove it or fix the index"
+
+
 def foreign_entries(folder: Path) -> list[str]:
     """One line per entry under ``folder`` that is neither a folder nor a regular file inside it.
 

@@ -106,6 +106,7 @@ def check_folder(path: Path) -> set[str]:
     safetensors library accepts each file, ``shadowgraft.json`` still matches).
     """
     from .checkpoint import Checkpoint
+    from .files import locate, stray_shard, stray_shards
     from .verify import verify
 
     if not path.exists():
@@ -113,14 +114,13 @@ def check_folder(path: Path) -> set[str]:
     if not path.is_dir():
         raise ShadowgraftError(f"not pushed: {path} is not a folder; push uploads a checkpoint folder (shards, index, config)")
     try:
-        with Checkpoint.open(path) as ck:
-            used = {f.name for f in ck.files}
+        with Checkpoint.open(path):
+            pass
     except ShadowgraftError as exc:
         raise ShadowgraftError(f"not pushed: {exc}") from None
-    stray = sorted(p.name for p in path.glob("*.safetensors") if p.name not in used)
+    stray = stray_shards(path, locate(path))
     if stray:
-        raise ShadowgraftError(f"not pushed: {path / stray[0]} is not part of the checkpoint (the index does not name it); "
-                               "remove it or fix the index")
+        raise ShadowgraftError(f"not pushed: {stray_shard(path / stray[0])}")
     report = verify(path, full=False)
     if report.problems:
         raise ShadowgraftError(f"not pushed: {report.problems[0]}")

@@ -20,7 +20,7 @@ from typing import Callable
 
 from .checkpoint import Checkpoint, is_repo_spec
 from .errors import ShadowgraftError
-from .files import Layout, file_problem, foreign_entries, locate
+from .files import Layout, file_problem, foreign_entries, locate, stray_shard, stray_shards
 from .header import DTYPE_BITS, Header, TensorInfo, read_header
 from .record import RECORD_NAME, read_record
 
@@ -86,6 +86,8 @@ def verify(
     problems, warnings = seen.problems, [*layout.notes, *seen.warnings]
     if path.is_dir():
         problems += foreign_entries(path)
+        if not layout.notes:  # both layouts in one folder: already a warning naming them
+            problems += [stray_shard(path / n) for n in stray_shards(path, layout)]
         if os.path.lexists(path / RECORD_NAME) and file_problem(path / RECORD_NAME, path) is None:
             _check_record(path, seen.headers, seen.tensors, seen.bad_files, seen.odd, problems, warnings)
     nonfinite: dict[str, int] = {}
@@ -333,7 +335,8 @@ def _scan_values(path: Path, headers: list[Header], problems: list[str], tick) -
     # AND and one max per chunk run ~25x faster than torch.isfinite on bf16.
     bits = {"BF16": (torch.int16, 0x7FFF, 0x7F80), "F16": (torch.int16, 0x7FFF, 0x7C00),
             "F32": (torch.int32, 0x7FFFFFFF, 0x7F800000),
-            "F64": (torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+            "F64": (torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+            "F8_E4M3": (torch.int8, 0x7F, 0x7F)}  # e4m3fn has no Inf; S.1111.111 is its NaN
     ck = Checkpoint(source=str(path), root=None, headers=headers, tensors={})
     reader = Reader([ck])
     found: dict[str, int] = {}

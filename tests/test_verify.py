@@ -264,3 +264,20 @@ def test_both_layouts_in_one_folder_is_a_warning(tmp_path):
     assert r.files == ("model.safetensors",) and r.problems == ()
     assert r.warnings == (f"{tmp_path}: holds both model.safetensors and model.safetensors.index.json; reading "
                           "model.safetensors, as transformers does (remove one of them to make the folder unambiguous)",)
+
+
+def test_a_shard_the_index_does_not_name_is_a_problem_as_for_push(tmp_path):
+    save_file({"b": torch.zeros(2)}, str(tmp_path / "model-00001-of-00001.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"b": "model-00001-of-00001.safetensors"}}')
+    save_file({"b": torch.zeros(2)}, str(tmp_path / "stray.safetensors"))
+    assert verify(tmp_path).problems == (f"{tmp_path / 'stray.safetensors'} is not part of the checkpoint (the index does "
+                                         "not name it); remove it or fix the index",)
+
+
+def test_fp8_nan_bytes_are_counted(tmp_path):
+    w = torch.zeros(4, 4).to(torch.float8_e4m3fn)
+    w.view(torch.uint8)[0, :3] = torch.tensor([0x7F, 0xFF, 0x7E], dtype=torch.uint8)  # NaN, -NaN, 448 (finite)
+    save_file({"model.layers.0.mlp.up_proj.weight": w, "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(1, 1)},
+              str(tmp_path / "model.safetensors"))
+    r = verify(tmp_path)
+    assert r.nonfinite == {"model.layers.0.mlp.up_proj.weight": 2}
