@@ -360,3 +360,9 @@ def test_tensors_only_one_side_has_are_listed_whatever_their_dtype(tmp_path, cap
     assert code == 0, err
     assert "only in A (2): embeddings.position_ids, encoder.layer.0.attention.mask" in " ".join(out.split())
     assert "only in B (1): pooler.dense.weight" in " ".join(out.split())
+
+
+def test_close_over_threshold_is_a_usage_error_on_the_command_line(trio, capsys):
+    code, out, err = run_cli(capsys, "stats", trio["base"], trio["instruct"], "--close", "0.5", "--threshold", "0.1")
+    assert code == 2
+    assert "--close must be a positive number no larger than --threshold (0.1), got 0.5" in " ".join(err.split())

@@ -49,6 +49,8 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
 
     if json_out == "-" and csv_out == "-":
         raise click.UsageError("only one of --json and --csv can be '-' (stdout)")
+    if close is not None and close > threshold:
+        raise click.UsageError(f"--close must be a positive number no larger than --threshold ({threshold}), got {close}")
     files = [(o, path, kind) for o, path, kind in (("--json", json_out, "json"), ("--csv", csv_out, "csv"),
                                                     ("--plot", plot_out, "plot")) if path and path != "-"]
     for i, (o, path, kind) in enumerate(files):
