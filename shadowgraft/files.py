@@ -181,8 +181,12 @@ def _in_folder(folder: Path) -> Layout:
 def _from_index(index_path: Path) -> dict[str, Path]:
     import json
 
+    from .header import DuplicateKey, unique_keys
+
     try:
-        obj = json.loads(index_path.read_text(encoding="utf-8"))
+        obj = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:  # which shard holds that tensor would depend on the reader
+        raise ShadowgraftError(f"{index_path}: names '{exc.args[0]}' twice; re-download the index") from None
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
         raise ShadowgraftError(f"{index_path}: not valid JSON; re-download the index") from None
     wmap = obj.get("weight_map") if isinstance(obj, dict) else None

@@ -86,8 +86,8 @@ def parse_header(raw: bytes, *, path: Path, file_size: int) -> Header:
         raise _fail(path, f"header truncated ({len(raw) - 8} of {n} bytes)")
     body = raw[8 : 8 + n]
     try:
-        obj = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
+        obj = json.loads(body.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:
         raise _fail(path, f"header names '{exc.args[0]}' twice") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise _fail(path, f"header is not valid JSON ({exc.__class__.__name__})") from None
@@ -111,17 +111,17 @@ def parse_header(raw: bytes, *, path: Path, file_size: int) -> Header:
     return Header(path, data_start, tuple(infos), dict(meta), hashlib.sha256(raw[: 8 + n]).hexdigest())
 
 
-class _DuplicateKey(ValueError):
+class DuplicateKey(ValueError):
     pass
 
 
-def _unique_keys(pairs: list) -> dict:
+def unique_keys(pairs: list) -> dict:
     # json keeps the last of two equal keys, other readers the first: a name
     # given twice could mean different tensors to different tools, so refuse it.
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return obj
 
 

@@ -215,6 +215,17 @@ def index_path_traversal(d):
     return "leaves the checkpoint folder"
 
 
+def index_name_twice(d):
+    p = d / "model.safetensors.index.json"
+    idx = json.loads(p.read_text())
+    name, shard = next(iter(idx["weight_map"].items()))
+    other = next(v for v in idx["weight_map"].values() if v != shard)
+    text = json.dumps(idx)
+    # The same tensor listed again, in another shard: JSON readers disagree on which entry wins.
+    p.write_text(text.replace('"weight_map": {', f'"weight_map": {{"{name}": "{other}", ', 1))
+    return f"names '{name}' twice; re-download the index"
+
+
 def index_absolute_path(d):
     name = first_tensor(shards(d)[0])
     edit_index(d, lambda w: w.update({name: "/etc/passwd"}))
@@ -315,7 +326,7 @@ def hostile_tensor_name(d):
 CASES = [truncated, lying_header_length, header_length_over_cap, non_json_header, header_not_an_object,
          deeply_nested_header, offsets_past_end, overlapping_offsets, unknown_dtype, size_mismatch,
          metadata_not_strings, name_twice_in_header, index_missing_shard, index_missing_tensor,
-         index_path_traversal, index_absolute_path, symlink_escape, fifo_shard, single_file_links_out,
+         index_path_traversal, index_name_twice, index_absolute_path, symlink_escape, fifo_shard, single_file_links_out,
          stale_index, index_not_json, duplicate_across_shards, shards_without_index, pickle_only_folder,
          pickle_file, empty_folder, wrong_path, not_a_safetensors_file, hostile_tensor_name]
 
