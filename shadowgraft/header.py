@@ -145,6 +145,10 @@ def _entry(path: Path, name: str, entry, data_start: int, data_size: int) -> Ten
     numel = 1
     for d in shape:
         numel *= d
+        if numel >= 1 << 64:
+            # The safetensors library multiplies in order with overflow checks and refuses such a
+            # file even when a later dimension is 0; so do we, or the two would disagree on it.
+            raise _fail(path, f"tensor '{name}' shape {shape} overflows 64 bits")
     bits = numel * DTYPE_BITS[dtype]
     if bits % 8 or bits // 8 != offs[1] - offs[0]:
         # Integer arithmetic only: a hostile shape can make numel overflow a float.
