@@ -270,6 +270,32 @@ def module_scale(config: dict, module: str) -> tuple[int, float, float]:
     return r, alpha, scale
 
 
+def _untargeted(config: dict, module: str) -> str | None:
+    """Why PEFT, loading this config, would put no LoRA layer on ``module`` (so not merge its factors); None if it would.
+
+    PEFT's own rules: ``target_modules`` a list of name suffixes or one regex
+    matched whole (``all-linear`` and no value are resolved from the model,
+    left to the keys here); ``exclude_modules`` the same; ``layers_to_transform``
+    keeps modules whose index after ``layers_pattern`` (any ``.name.N.``
+    when unset) it lists.
+    """
+    tm = config.get("target_modules")
+    if tm not in (None, "all-linear") and not lora_params.in_target_modules(config, module):
+        return f"target_modules {tm!r} does not name it"
+    ex = config.get("exclude_modules")
+    if ex and (re.fullmatch(ex, module) if isinstance(ex, str) else any(module == e or module.endswith("." + e) for e in ex)):
+        return f"exclude_modules {ex!r} names it"
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        wanted = [layers] if isinstance(layers, int) else list(layers)
+        pattern = config.get("layers_pattern")
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern or [r"[^.]*"])
+        m = next((m for p in patterns if (m := re.match(rf".*\.{p}\.(\d+)\.", module))), None)
+        if m is None or int(m.group(1)) not in wanted:
+            return f"layers_to_transform {layers!r} leaves it out"
+    return None
+
+
 def _parse_keys(ck: Checkpoint, config: dict, *, source: str) -> tuple[tuple[LoraModule, ...], tuple[str, ...]]:
     where = f"{source} ({WEIGHTS_NAME})"
     parts: dict[tuple[str, bool], dict[str, TensorInfo]] = {}
@@ -340,6 +366,10 @@ def _parse_keys(ck: Checkpoint, config: dict, *, source: str) -> tuple[tuple[Lor
             # r and alpha depend on which parameter this pair adapts: known once instruct's shapes are.
             modules.append(LoraModule(owner, a, b, 0, 0.0, 0.0, False, params=params, depth=depth))
             continue
+        why = _untargeted(config, module)
+        if why:
+            raise ShadowgraftError(f"{where}: '{module}' has LoRA factors but {CONFIG_NAME}'s {why}, so PEFT would not "
+                                   "merge them; the config does not match the weights, re-save the adapter with PEFT")
         r, alpha, scale = module_scale(config, module)
         if a.shape[0] != r or b.shape[1] != r:
             raise ShadowgraftError(f"{where}: '{module}' factors have rank {a.shape[0]}/{b.shape[1]} but {CONFIG_NAME} gives r={r} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -406,3 +407,40 @@ def test_fan_in_fan_out_on_linear_targets_merges_as_peft_does(tmp_path):
     assert {n for n in got if not torch.equal(got[n], inst[n])} == {f"{m}.weight" for m in targets}
     for n in got:
         torch.testing.assert_close(got[n], merged[n], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_and_exclude_options_follow_peft_and_a_config_that_contradicts_its_weights_is_refused(tmp_path):
+    """layers_to_transform / exclude_modules as PEFT saves them merge as PEFT merges; the same weights under an edited
+    config that PEFT would read differently (it would not merge some of them) are refused, not merged silently."""
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    inst_dir = tmp_path / "instruct"
+    transformers.LlamaForCausalLM(cfg).float().save_pretrained(inst_dir, safe_serialization=True)
+    model = transformers.LlamaForCausalLM.from_pretrained(inst_dir, dtype=torch.float32)
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1, 2],
+                      exclude_modules=["model.layers.2.self_attn.v_proj"], init_lora_weights=False, lora_dropout=0.0)
+    get_peft_model(model, lcfg).save_pretrained(tmp_path / "lora")
+    fresh = transformers.LlamaForCausalLM.from_pretrained(inst_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(fresh, tmp_path / "lora").merge_and_unload().state_dict()
+    shadowgraft.apply(instruct=inst_dir, adapter=tmp_path / "lora", output=tmp_path / "out")
+    got, inst = load(tmp_path / "out"), load(inst_dir)
+    changed = {n for n in got if not torch.equal(got[n], inst[n])}
+    assert changed == {n for n in inst if not torch.equal(merged[n], inst[n])} and len(changed) == 5
+    for n in got:
+        torch.testing.assert_close(got[n], merged[n], rtol=1e-5, atol=1e-6)
+
+    f = tmp_path / "lora" / "adapter_config.json"
+    saved = json.loads(f.read_text())
+    for edit, why in [({"layers_to_transform": [2]}, "layers_to_transform [2] leaves it out"),
+                      ({"target_modules": ["nonexistent_proj"]}, "target_modules ['nonexistent_proj'] does not name it"),
+                      ({"exclude_modules": ["q_proj"]}, "exclude_modules ['q_proj'] names it"),
+                      ({"target_modules": r".*layers\.2\..*q_proj"}, "does not name it")]:
+        f.write_text(json.dumps({**saved, **edit}))
+        with pytest.raises(ShadowgraftError, match=rf"has LoRA factors but adapter_config.json's .*{re.escape(why)}, so PEFT "
+                                                   "would not merge them; the config does not match the weights"):
+            shadowgraft.apply(instruct=inst_dir, adapter=tmp_path / "lora", output=tmp_path / "out2")
