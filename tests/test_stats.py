@@ -215,10 +215,11 @@ def test_nan_inputs_are_flagged_and_json_stays_valid(tmp_path):
     t0 = d["tensors"][0]
     assert t0["sigma"] is None and t0["nan_b"] == 1 and t0["nan_a"] == 0
     assert "NaN/Inf left out" in r.summary.verdict
-    # rel_l2 and cosine leave the NaN tensor out too: they are the finite tensor's.
+    # rel_l2 and cosine leave the NaN tensor out too: they are the finite tensor's (to fp32 sums' accuracy;
+    # a NaN left in would make them NaN, a wrong tensor off by far more).
     A, B = load(a)[names[1][0]].double(), load(b)[names[1][0]].double()
-    assert r.summary.rel_l2 == pytest.approx(float((A - B).norm() / A.norm()), rel=1e-6)
-    assert r.summary.cosine == pytest.approx(float((A * B).sum() / (A.norm() * B.norm())), rel=1e-6)
+    assert r.summary.rel_l2 == pytest.approx(float((A - B).norm() / A.norm()), rel=1e-5)
+    assert r.summary.cosine == pytest.approx(float((A * B).sum() / (A.norm() * B.norm())), rel=1e-5)
     layer0 = next(g for g in r.layers if g.key == 0)
     assert math.isnan(layer0.rel_l2) and math.isnan(layer0.sigma_mean)
     assert "layers 1 (" in r.summary.verdict and "layers 0" not in r.summary.verdict and "nan" not in r.summary.verdict
