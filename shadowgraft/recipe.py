@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shlex
+from decimal import Decimal
 from pathlib import Path
 from typing import Sequence
 
@@ -63,6 +64,9 @@ def parse_floats(text: str | float | Sequence[float], flag: str) -> tuple[float,
             values = tuple(float(p) for p in parts)
         except ValueError:
             raise ShadowgraftError(f"{flag} '{text}': give numbers separated by commas, e.g. 0.25,0.5,1.0") from None
+        for p, v in zip(parts, values):
+            if v == 0 and Decimal(p) != 0:  # 1e-400: below every float, it would silently be 0
+                raise ShadowgraftError(f"{flag} '{p}' is too small to be told from 0 in floating point; give 0 or a larger value")
     elif isinstance(text, (int, float)):
         values = (float(text),)
     else:

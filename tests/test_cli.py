@@ -99,6 +99,7 @@ MISSING = "/nonexistent/instruct"  # never opened: each check must fire first
 @pytest.mark.parametrize("args, flag, why", [
     (["--alpha", "nan"], "--alpha", "--alpha must be finite numbers, got nan"),
     (["--alpha", "0.5,1e400"], "--alpha", "--alpha must be finite numbers, got 0.5,1e400"),
+    (["--alpha", "0.5,1e-400"], "--alpha", "--alpha '1e-400' is too small to be told from 0 in floating point"),
     (["--alpha-for", "mlp(=0.5"], "--alpha-for", "--alpha-for 'mlp(' is not a valid regular expression"),
     (["--alpha-for", "mlp=nan"], "--alpha-for", "--alpha-for 'mlp' must be finite numbers, got nan"),
     (["--dtype", "x"], "--dtype", "unknown dtype 'x'"),
