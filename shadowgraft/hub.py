@@ -188,6 +188,11 @@ def _explain_download(exc: Exception, *, spec: str, repo_id: str, revision: str 
                     "run once online to download it, or pass a local folder")
         if offline:
             refs = sorted(str(p.relative_to(repo_dir / "refs")) for p in (repo_dir / "refs").rglob("*") if p.is_file())
+            if rev in refs:
+                # The ref is cached but the snapshot it points to is not (deleted, or a download cut short).
+                commit = (repo_dir / "refs" / rev).read_text().strip()
+                return (f"{spec}: the Hub cache {cache} names revision '{rev}' (commit {commit[:12]}) but holds no "
+                        "snapshot of it, and HF_HUB_OFFLINE=1 is set; run once online to download it again")
             known = f" (cached refs: {', '.join(refs)})" if refs else ""
             return (f"{spec}: revision '{rev}'{short} is not in the Hub cache {cache}{known} and HF_HUB_OFFLINE=1 is set; "
                     "run once online to fetch it, or name a cached revision")

@@ -312,3 +312,12 @@ def test_verify_takes_a_hub_id_and_checks_blobs(hub_trio, cache, capsys):
     assert code == 1 and names[0] in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["verify", "org/not-there"], capsys)
     assert code == 1 and "org/not-there" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_cached_ref_whose_snapshot_is_gone_says_so(tmp_path, hub_trio, cache, capsys):
+    repo = cache / "models--org--instruct"
+    (repo / "refs" / "v2").write_text("f" * 40)  # a ref to a snapshot that is not there
+    with pytest.raises(ShadowgraftError) as e:
+        hub.resolve("org/instruct@v2")
+    assert str(e.value) == (f"org/instruct@v2: the Hub cache {cache} names revision 'v2' (commit ffffffffffff) but holds no "
+                            "snapshot of it, and HF_HUB_OFFLINE=1 is set; run once online to download it again")
