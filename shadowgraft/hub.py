@@ -218,6 +218,10 @@ def explain_http(exc: Exception, *, repo_id: str, what: str, hint: str, upload: 
     if isinstance(exc, HfHubHTTPError) and status in (401, 403):
         return (f"{what}: the Hub refused access to {repo_id} (HTTP {status}); log in with `hf auth login` or set "
                 f"HF_TOKEN to a token with {'write' if upload else 'read'} access{hint}")
+    if isinstance(exc, HfHubHTTPError) and status is not None and 400 <= status < 500 and status != 429:
+        # A request the Hub will refuse again (a wrong endpoint, a bad name): waiting changes nothing.
+        return (f"{what}: the Hub refused the request for {repo_id} (HTTP {status}: {first_line(exc)}); check the repo id, "
+                f"the revision and HF_ENDPOINT{hint}")
     if isinstance(exc, HfHubHTTPError):
         return f"{what}: the Hub answered HTTP {status} for {repo_id} ({first_line(exc)}); try again later{hint}"
     if isinstance(exc, _transport_errors()):

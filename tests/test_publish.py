@@ -248,3 +248,22 @@ def test_a_bad_branch_name_is_a_usage_error(grafted, monkeypatch, capsys, branch
     code, out, err = run_cli(["push", str(grafted), "me/graft", "--revision", branch], capsys)
     assert code == 2 and "is not a valid branch name" in err
     assert fake.calls == []
+
+
+@pytest.mark.parametrize("status, text", [(404, "the Hub refused the request for me/graft (HTTP 404: 404 Not Found); "
+                                                 "check the repo id, the revision and HF_ENDPOINT"),
+                                          (503, "the Hub answered HTTP 503 for me/graft (503 Not Found); try again later")])
+def test_a_client_error_asks_for_a_fix_and_a_server_error_for_patience(grafted, monkeypatch, status, text):
+    httpx2 = pytest.importorskip("httpx2", reason="error objects are built the way huggingface_hub 2.x builds them")
+    from huggingface_hub.utils import HfHubHTTPError
+
+    FakeHub(monkeypatch)
+
+    def failing(self, repo_id, **kw):
+        req = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+        raise HfHubHTTPError(f"{status} Not Found\nRequest id: x", response=httpx2.Response(status, request=req))
+
+    monkeypatch.setattr(HfApi, "create_repo", failing)
+    with pytest.raises(ShadowgraftError) as exc:
+        publish.push(grafted, "me/graft")
+    assert str(exc.value) == f"push to me/graft: {text}; then retry: shadowgraft push {grafted} me/graft"
