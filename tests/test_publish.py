@@ -250,10 +250,11 @@ def test_a_bad_branch_name_is_a_usage_error(grafted, monkeypatch, capsys, branch
     assert fake.calls == []
 
 
-@pytest.mark.parametrize("status, text", [(404, "the Hub refused the request for me/graft (HTTP 404: 404 Not Found); "
-                                                 "check the repo id, the revision and HF_ENDPOINT"),
-                                          (503, "the Hub answered HTTP 503 for me/graft (503 Not Found); try again later")])
-def test_a_client_error_asks_for_a_fix_and_a_server_error_for_patience(grafted, monkeypatch, status, text):
+@pytest.mark.parametrize("status, reason, text", [
+    (404, "Not Found", "the Hub refused the request for me/graft (HTTP 404: 404 Not Found); check the repo id, the revision "
+                       "and HF_ENDPOINT"),
+    (503, "Service Unavailable", "the Hub answered HTTP 503 for me/graft (503 Service Unavailable); try again later")])
+def test_a_client_error_asks_for_a_fix_and_a_server_error_for_patience(grafted, monkeypatch, status, reason, text):
     httpx2 = pytest.importorskip("httpx2", reason="error objects are built the way huggingface_hub 2.x builds them")
     from huggingface_hub.utils import HfHubHTTPError
 
@@ -261,7 +262,7 @@ def test_a_client_error_asks_for_a_fix_and_a_server_error_for_patience(grafted, 
 
     def failing(self, repo_id, **kw):
         req = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
-        raise HfHubHTTPError(f"{status} Not Found\nRequest id: x", response=httpx2.Response(status, request=req))
+        raise HfHubHTTPError(f"{status} {reason}\nRequest id: x", response=httpx2.Response(status, request=req))
 
     monkeypatch.setattr(HfApi, "create_repo", failing)
     with pytest.raises(ShadowgraftError) as exc:
