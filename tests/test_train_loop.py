@@ -351,3 +351,12 @@ def test_impossible_flag_values_are_usage_errors_before_anything_loads(pair, tmp
     assert code == 2 and out == ""
     assert message in " ".join(err.split())
     assert not (tmp_path / "o").exists()
+
+
+def test_a_mistyped_local_model_or_template_is_named_not_looked_up_on_the_hub(pair, tmp_path, capsys):
+    typo = str(pair["base"]) + "x"
+    for flags, spec in ((["--model", typo], typo), (["--model", pair["base"], "--chat-template-from", tmp_path / "t.jinja"],
+                                                     str(tmp_path / "t.jinja"))):
+        code, _, err = run_cli(capsys, "train", *flags, "--data", pair["data"], "-o", tmp_path / "o", "--max-steps", "1")
+        assert code == 1
+        assert err.strip() == f"error: {spec}: no such file or folder (and not a Hub repo id)"

@@ -76,8 +76,11 @@ def _source(spec: str) -> tuple[str, str | None]:
     """A local path as is, or a Hub id split into (repo_id, revision)."""
     if Path(spec).expanduser().exists():
         return str(Path(spec).expanduser()), None
+    from ..checkpoint import is_repo_spec
     from ..hub import parse_spec
 
+    if not is_repo_spec(spec) or spec.endswith(".jinja"):
+        raise FileNotFoundError(f"{spec}: no such file or folder (and not a Hub repo id)")
     return parse_spec(spec)
 
 
@@ -109,10 +112,15 @@ def load_tokenizer(model: str, chat_template_from: str | None):
 def _tokenizer(spec: str):
     from transformers import AutoTokenizer
 
+    from ..hub import is_offline
+
     path, rev = _source(spec)
     try:
         return AutoTokenizer.from_pretrained(path, revision=rev)
     except (OSError, ValueError) as e:
+        if not Path(path).exists() and is_offline():
+            raise ShadowgraftError(f"{spec}: no such local path, and not in the Hub cache with HF_HUB_OFFLINE=1 set; "
+                                   "run once online to download it, or pass a local folder") from None
         raise ShadowgraftError(f"{spec}: cannot load its tokenizer ({' '.join(str(e).split())[:200]}); "
                                "pass a model folder or Hub id that has tokenizer files") from None
 
