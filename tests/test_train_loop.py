@@ -360,3 +360,13 @@ def test_a_mistyped_local_model_or_template_is_named_not_looked_up_on_the_hub(pa
         code, _, err = run_cli(capsys, "train", *flags, "--data", pair["data"], "-o", tmp_path / "o", "--max-steps", "1")
         assert code == 1
         assert err.strip() == f"error: {spec}: no such file or folder (and not a Hub repo id)"
+
+
+def test_skipped_records_are_reported_even_with_quiet(pair, tmp_path, capsys):
+    long = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "x"}]}
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows() + [long])
+    code, out, err = run_cli(capsys, "train", "--model", pair["base"], "--chat-template-from", pair["instruct"], "--data", data,
+                             "-o", tmp_path / "o", "--max-steps", "1", "--max-length", "64", "--batch-size", "2", "-q",
+                             "--no-gradient-checkpointing")
+    assert code == 0 and out == ""
+    assert " ".join(err.split()) == "warning: 1 record(s) have no assistant token within --max-length 64 and are skipped"

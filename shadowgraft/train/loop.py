@@ -166,9 +166,12 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
     tokenizer, template = load_tokenizer(cfg.model, cfg.chat_template_from)
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     obj = O.make(cfg, tokenizer=tokenizer, template=template, pad_id=pad_id, d=d)
-    if console is not None and obj.dropped:
-        console.print(f"[yellow]warning:[/] {obj.dropped} {obj.skipped} within --max-length {cfg.max_length} "
-                      "and are skipped")
+    if d.main and obj.dropped:
+        # Even with --quiet: training on fewer records than the file holds is never silent.
+        from ..display import err
+
+        (console or err).print(f"[yellow]warning:[/] {obj.dropped} {obj.skipped} within --max-length {cfg.max_length} "
+                               "and are skipped")
 
     model, stored = load_model(cfg, bf16=d.bf16, quiet=cfg.quiet or not d.main)
     if cfg.packing and not packing_isolated(model, list(obj.items[0].input_ids)):
