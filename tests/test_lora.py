@@ -366,20 +366,26 @@ def test_config_numbers_must_be_finite_and_positive(tmp_path, capsys, key, text,
     assert not (tmp_path / "out").exists()
 
 
-def test_fan_in_fan_out_on_linear_targets_merges_as_peft_does(tmp_path):
-    """A Llama adapter whose config says fan_in_fan_out: true. PEFT builds its targets as nn.Linear, resets the flag
-    to False with a warning and merges B @ A untransposed; the square q_proj / o_proj would also fit transposed."""
-    pytest.importorskip("peft")
+def saved_llama(tmp_path, *, layers: int):
+    """A small fp32 Llama saved as ``tmp_path/instruct``, and a function loading a fresh copy of it."""
     transformers = pytest.importorskip("transformers")
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from safetensors.torch import load_file
-
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     inst_dir = tmp_path / "instruct"
     transformers.LlamaForCausalLM(cfg).float().save_pretrained(inst_dir, safe_serialization=True)
-    model = transformers.LlamaForCausalLM.from_pretrained(inst_dir, torch_dtype=torch.float32)
+    return inst_dir, lambda: transformers.LlamaForCausalLM.from_pretrained(inst_dir, dtype=torch.float32)
+
+
+def test_fan_in_fan_out_on_linear_targets_merges_as_peft_does(tmp_path):
+    """A Llama adapter whose config says fan_in_fan_out: true. PEFT builds its targets as nn.Linear, resets the flag
+    to False with a warning and merges B @ A untransposed; the square q_proj / o_proj would also fit transposed."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    inst_dir, fresh_model = saved_llama(tmp_path, layers=2)
+    model = fresh_model()
     with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
         peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"],
                                                       init_lora_weights=False, lora_dropout=0.0, fan_in_fan_out=True))
@@ -387,9 +393,8 @@ def test_fan_in_fan_out_on_linear_targets_merges_as_peft_does(tmp_path):
     # PEFT saved the flag it reset; the config as its author wrote it says true.
     f = tmp_path / "lora" / "adapter_config.json"
     f.write_text(json.dumps({**json.loads(f.read_text()), "fan_in_fan_out": True}))
-    fresh = transformers.LlamaForCausalLM.from_pretrained(inst_dir, torch_dtype=torch.float32)
     with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
-        loaded = PeftModel.from_pretrained(fresh, tmp_path / "lora")
+        loaded = PeftModel.from_pretrained(fresh_model(), tmp_path / "lora")
     merged = {k: v.detach().clone() for k, v in loaded.merge_and_unload().state_dict().items()}
 
     res = shadowgraft.apply(instruct=inst_dir, adapter=tmp_path / "lora", output=tmp_path / "out")
@@ -413,20 +418,14 @@ def test_layer_and_exclude_options_follow_peft_and_a_config_that_contradicts_its
     """layers_to_transform / exclude_modules as PEFT saves them merge as PEFT merges; the same weights under an edited
     config that PEFT would read differently (it would not merge some of them) are refused, not merged silently."""
     pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    inst_dir = tmp_path / "instruct"
-    transformers.LlamaForCausalLM(cfg).float().save_pretrained(inst_dir, safe_serialization=True)
-    model = transformers.LlamaForCausalLM.from_pretrained(inst_dir, dtype=torch.float32)
+    inst_dir, fresh_model = saved_llama(tmp_path, layers=3)
+    model = fresh_model()
     lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1, 2],
                       exclude_modules=["model.layers.2.self_attn.v_proj"], init_lora_weights=False, lora_dropout=0.0)
     get_peft_model(model, lcfg).save_pretrained(tmp_path / "lora")
-    fresh = transformers.LlamaForCausalLM.from_pretrained(inst_dir, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(fresh, tmp_path / "lora").merge_and_unload().state_dict()
+    merged = PeftModel.from_pretrained(fresh_model(), tmp_path / "lora").merge_and_unload().state_dict()
     shadowgraft.apply(instruct=inst_dir, adapter=tmp_path / "lora", output=tmp_path / "out")
     got, inst = load(tmp_path / "out"), load(inst_dir)
     changed = {n for n in got if not torch.equal(got[n], inst[n])}
