@@ -286,7 +286,8 @@ def _untargeted(config: dict, module: str) -> str | None:
     if ex and (re.fullmatch(ex, module) if isinstance(ex, str) else any(module == e or module.endswith("." + e) for e in ex)):
         return f"exclude_modules {ex!r} names it"
     layers = config.get("layers_to_transform")
-    if layers is not None:
+    exact = isinstance(tm, list) and module in tm  # PEFT applies no layer rule to a module named in full
+    if layers not in (None, []) and not exact:  # an empty list means every layer, as in PEFT
         wanted = [layers] if isinstance(layers, int) else list(layers)
         pattern = config.get("layers_pattern")
         patterns = [pattern] if isinstance(pattern, str) else list(pattern or [r"[^.]*"])

@@ -435,6 +435,13 @@ def test_layer_and_exclude_options_follow_peft_and_a_config_that_contradicts_its
 
     f = tmp_path / "lora" / "adapter_config.json"
     saved = json.loads(f.read_text())
+    # What PEFT also accepts for these weights: every layer ([]), and a module named in full, to which PEFT applies
+    # no layer rule.
+    for edit in ({"layers_to_transform": []},
+                 {"target_modules": [m.removesuffix(".weight") for m in changed], "layers_to_transform": [0]}):
+        f.write_text(json.dumps({**saved, **edit, "exclude_modules": None}))
+        shadowgraft.apply(instruct=inst_dir, adapter=tmp_path / "lora", output=tmp_path / "ok", overwrite=True)
+        assert {n for n, t in load(tmp_path / "ok").items() if not torch.equal(t, inst[n])} == changed
     for edit, why in [({"layers_to_transform": [2]}, "layers_to_transform [2] leaves it out"),
                       ({"target_modules": ["nonexistent_proj"]}, "target_modules ['nonexistent_proj'] does not name it"),
                       ({"exclude_modules": ["q_proj"]}, "exclude_modules ['q_proj'] names it"),
