@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import ShadowgraftError
 from .hub import INDEX_PATTERN, explain_http, first_line, is_offline
 from .record import read_record
+from .writer import CHAT_TEMPLATE_DIR
 
 # Folders above this go through upload_large_folder (resumable, many commits)
 # when the installed huggingface_hub has it. Versions without it (2.x) stream
@@ -128,13 +129,28 @@ def check_folder(path: Path) -> set[str]:
     if not names & {"config.json", "adapter_config.json"} and (read_record(path) or {}).get("kind") != "delta":
         raise ShadowgraftError(f"not pushed: {path} has no config.json (nor adapter_config.json), so the Hub copy "
                                "could not be loaded; copy the config of the model it came from into the folder")
-    return {n for n in names if not n.startswith(".") and (path / n).is_file()}
+    files = {n for n in names if not n.startswith(".") and (path / n).is_file()}
+    # The one sub-folder a checkpoint has: transformers reads extra chat templates from it (apply copies them).
+    return files | {f"{CHAT_TEMPLATE_DIR}/{p.name}" for p in _templates(path)}
+
+
+def _templates(path: Path) -> list[Path]:
+    folder = path / CHAT_TEMPLATE_DIR
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    return [p for p in folder.iterdir() if p.suffix == ".jinja" and not p.name.startswith(".") and p.is_file()]
 
 
 def left_out(path: str | os.PathLike) -> list[str]:
     """What ``push`` does not upload from ``path``: hidden entries and sub-folders (a folder's name ends in /)."""
     p = Path(path).expanduser()
-    return sorted(e.name + ("/" if e.is_dir() else "") for e in p.iterdir() if e.name.startswith(".") or e.is_dir())
+    out = [e.name + ("/" if e.is_dir() else "") for e in p.iterdir()
+           if e.name.startswith(".") or e.is_dir() and e.name != CHAT_TEMPLATE_DIR]
+    kept = set(_templates(p))
+    tpl = p / CHAT_TEMPLATE_DIR
+    if tpl.is_dir():
+        out += [f"{CHAT_TEMPLATE_DIR}/{e.name}" for e in tpl.iterdir() if e not in kept]
+    return sorted(out)
 
 
 def _default_message(path: Path) -> str:

@@ -268,3 +268,16 @@ def test_a_client_error_asks_for_a_fix_and_a_server_error_for_patience(grafted, 
     with pytest.raises(ShadowgraftError) as exc:
         publish.push(grafted, "me/graft")
     assert str(exc.value) == f"push to me/graft: {text}; then retry: shadowgraft push {grafted} me/graft"
+
+
+def test_extra_chat_templates_are_pushed_with_the_checkpoint(grafted, monkeypatch, capsys):
+    fake = FakeHub(monkeypatch)
+    (grafted / "additional_chat_templates").mkdir()
+    (grafted / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    (grafted / "additional_chat_templates" / "notes.txt").write_text("mine")
+    code, out, err = run_cli(["push", str(grafted), "me/graft"], capsys)
+    assert code == 0
+    assert "additional_chat_templates/tool_use.jinja" in fake.get("upload_folder")["files"]
+    assert not any("notes" in f for f in fake.get("upload_folder")["files"])
+    assert " ".join(err.split()) == ("left out (hidden entries and sub-folders are never pushed): "
+                                     "additional_chat_templates/notes.txt")
