@@ -56,7 +56,7 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
     from .writer import check_output_path, replacing
 
     check_output_path(output, inputs=[base, instruct, data])
-    out = Path(output)
+    out = Path(os.path.realpath(output)) if Path(output).is_symlink() else Path(output)  # a link: the folder it names
     stages = out / "stages"
     say = console.print if console is not None else (lambda *a, **k: None)
     if not Path(data).is_file():
@@ -66,8 +66,7 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
     if out.exists() and any(out.iterdir()) and not stages.is_dir():
         raise ShadowgraftError(f"{out}: exists and is not a shadow-ft run folder (no stages/), so it is left alone; "
                                "choose another --output")
-    foreign = [str(p.relative_to(out)) for p in sorted(out.iterdir()) if p.name not in ("stages", "model")] if out.is_dir() else []
-    foreign += [str(p.relative_to(out)) for p in sorted(stages.iterdir()) if p.name not in ("stats.json", "train")] if stages.is_dir() else []
+    foreign = _foreign(out)
     if foreign:
         raise ShadowgraftError(f"{out}: holds {', '.join(foreign[:4])}{' and more' if len(foreign) > 4 else ''}, which "
                                "shadow-ft does not write, so it is not a shadow-ft run folder to reuse or replace; "
@@ -118,6 +117,21 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
         res = apply(instruct=instruct, output=out / "model", alpha=alpha, scope=scope, overwrite=True, push_to_hub=push_to_hub,
                     private=private, extra=record, **kind)
         return PipelineResult(res.output, stages, sigma, trained, res.url, tuple(warnings))
+
+
+def _foreign(out: Path) -> list[str]:
+    """What in a shadow-ft folder this command did not write, at any depth it writes to (relative names)."""
+    from .train.loop import foreign_files
+    from .writer import output_file, own_temporary
+
+    def under(folder: Path, ok) -> list[str]:
+        return [str(p.relative_to(out)) for p in sorted(folder.iterdir()) if not ok(p)] if folder.is_dir() else []
+
+    stages, model, train = out / "stages", out / "model", out / "stages" / "train"
+    return (under(out, lambda p: p.name in ("stages", "model") or own_temporary(p.name))
+            + under(stages, lambda p: p.name in ("stats.json", "stats.json.tmp", "train") or own_temporary(p.name))
+            + under(model, output_file)
+            + [str((train / n).relative_to(out)) for n in foreign_files(train)])
 
 
 def _similarity(base, instruct, path: Path, max_sigma: float | None, scope: str) -> dict:

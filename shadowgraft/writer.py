@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
+import glob
 import json
 import os
 import shutil
@@ -110,8 +111,15 @@ _OUR_FILES = ("*.safetensors", INDEX_PATTERN, "adapter_config.json", *SIDE_FILES
               "README.md", RECORD_NAME)
 
 
+def own_temporary(name: str) -> bool:
+    """A lock, temporary or moved-aside folder of this tool's (``.X.shadowgraft-tmp-PID`` and the like)."""
+    return name.startswith(".") and ".shadowgraft-" in name
+
+
 def output_file(entry: Path) -> bool:
     """Whether ``entry`` of an output folder is something ``apply``, ``diff`` or ``train`` writes there."""
+    if own_temporary(entry.name):
+        return True
     if entry.is_dir() and not entry.is_symlink():
         return entry.name == CHAT_TEMPLATE_DIR and all(p.is_file() and p.suffix == ".jinja" for p in entry.iterdir())
     return not entry.name.startswith(".") and any(fnmatch.fnmatchcase(entry.name, pat) for pat in _OUR_FILES)
@@ -197,7 +205,14 @@ def replacing(folder: Path, *, enabled: bool = True):
     """For a run that fills ``folder`` in place (training) and replaces an earlier one (``--overwrite``):
     the earlier folder is moved aside for the block, put back if the block fails (an error found late,
     NaN, Ctrl-C), and deleted once it succeeds. Yields the aside path (None when nothing was moved)."""
-    folder = Path(folder)
+    # Through a link: the run replaces the folder the link names, and the link stays.
+    folder = Path(os.path.realpath(folder)) if Path(folder).is_symlink() else Path(folder)
+    if enabled:
+        for stale in folder.parent.glob(f".{glob.escape(folder.name)}.shadowgraft-previous-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if not (pid.isdigit() and _alive(int(pid))):
+                raise ShadowgraftError(f"{stale}: an earlier run of {folder.name}, moved aside by a run that was killed "
+                                       f"before it finished; move it back to {folder} or delete it, then run again")
     if not (enabled and folder.exists()):
         yield None
         return
@@ -212,6 +227,16 @@ def replacing(folder: Path, *, enabled: bool = True):
             aside.rename(folder)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class OutputDir:

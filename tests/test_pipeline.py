@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -199,11 +200,15 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_is_complete(pair, tmp
         shadow_ft(data=bad, overwrite=True, **kw)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    (out / "notes.md").write_text("mine")
-    for overwrite in (False, True):
-        with pytest.raises(ShadowgraftError, match=r"holds notes\.md, which shadow-ft does not write"):
-            shadow_ft(data=pair["data"], overwrite=overwrite, **kw)
-    assert (out / "notes.md").read_text() == "mine"
+    # Anything shadow-ft does not write, at any depth it writes to, is the user's: never reused or replaced.
+    for mine in (out / "notes.md", out / "model" / "eval_results.json", out / "stages" / "train" / "notes.txt"):
+        mine.write_text("mine")
+        for overwrite in (False, True):
+            with pytest.raises(ShadowgraftError, match=rf"holds {re.escape(str(mine.relative_to(out)))}, which shadow-ft "
+                                                       "does not write"):
+                shadow_ft(data=pair["data"], overwrite=overwrite, **kw)
+        assert mine.read_text() == "mine"
+        mine.unlink()
 
 
 def test_a_pair_that_differs_in_shape_is_refused_before_training(pair, tmp_path):

@@ -210,6 +210,9 @@ def test_full_dpo_resume_continues_exactly_and_needs_its_reference(pair, prefs, 
     assert log(b) == [{**r, "tokens_per_s": s["tokens_per_s"]} for r, s in zip(log(a), log(b))] and len(log(b)) == 4
     wa, wb = load(a / "model.safetensors"), load(b / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # A full DPO run folder (with its reference_logps.json) is one --overwrite may replace.
+    train(config=cfg(pair, prefs, a, **{**kw, "max_steps": 1, "overwrite": True}))
+    assert json.loads((a / "train_result.json").read_text())["steps"] == 1
 
 
 def test_dpo_refusals(pair, prefs, tmp_path):

@@ -181,6 +181,11 @@ def test_output_and_resume_refusals(pair, tmp_path):
         train(config=cfg(pair, out, max_steps=2, save_every=1, overwrite=True, gradient_checkpointing=False))
     (out / "x").unlink()
     train(config=cfg(pair, out, max_steps=2, save_every=1, overwrite=True, gradient_checkpointing=False))
+    for mine in (out / "checkpoints" / "notes.txt", out / "checkpoints" / "step-00000001" / "eval.json"):
+        mine.write_text("")
+        with pytest.raises(ShadowgraftError, match="an earlier training run, but it also holds checkpoints, which"):
+            train(config=cfg(pair, out, max_steps=2, save_every=1, overwrite=True, gradient_checkpointing=False))
+        mine.unlink()
     with pytest.raises(ShadowgraftError, match="this run already finished; nothing to resume"):
         train(config=cfg(pair, out, max_steps=2, save_every=1, resume=True, gradient_checkpointing=False))
     (out / "train_result.json").unlink()
@@ -370,3 +375,24 @@ def test_skipped_records_are_reported_even_with_quiet(pair, tmp_path, capsys):
                              "--no-gradient-checkpointing")
     assert code == 0 and out == ""
     assert " ".join(err.split()) == "warning: 1 record(s) have no assistant token within --max-length 64 and are skipped"
+
+
+def test_overwrite_through_a_link_replaces_the_folder_it_names(pair, tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    train(config=cfg(pair, real, max_steps=1, gradient_checkpointing=False))
+    link.symlink_to(real)
+    train(config=cfg(pair, link, max_steps=1, overwrite=True, gradient_checkpointing=False, lr=2e-5))
+    assert link.is_symlink() and json.loads((real / "training_args.json").read_text())["hyperparameters"]["lr"] == 2e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_a_run_moved_aside_by_a_killed_run_is_named_not_lost(pair, tmp_path):
+    out = tmp_path / "run"
+    train(config=cfg(pair, out, max_steps=1, gradient_checkpointing=False))
+    aside = tmp_path / ".run.shadowgraft-previous-999999999"  # no such process: its run was killed
+    aside.mkdir()
+    with pytest.raises(ShadowgraftError) as e:
+        train(config=cfg(pair, out, max_steps=1, overwrite=True, gradient_checkpointing=False))
+    assert str(e.value) == (f"{aside}: an earlier run of run, moved aside by a run that was killed before it finished; "
+                            f"move it back to {out} or delete it, then run again")
+    assert aside.is_dir() and (out / "train_result.json").is_file()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from . import objective as O
 from . import state as S
 from .config import TrainConfig
 from .data import sha256_file
+from .dpo import REFERENCE_NAME
 from .model import (load_model, load_tokenizer, packing_isolated, require_extra, require_packed_masks, save_adapter,
                     save_full, write_json)
 from .progress import TrainProgress
@@ -106,7 +108,7 @@ def _check_output(cfg: TrainConfig) -> Path | None:
         raise ShadowgraftError(f"{out}: is not a training run folder (no {ARGS_NAME} written by shadowgraft train), "
                                "so --overwrite will not delete it; choose another --output")
     elif busy:
-        foreign = [p.name for p in sorted(out.iterdir()) if not _ours(p)]
+        foreign = foreign_files(out)
         if foreign:
             raise ShadowgraftError(f"{out}: an earlier training run, but it also holds {', '.join(foreign[:4])}"
                                    f"{' and more' if len(foreign) > 4 else ''}, which shadowgraft did not write; "
@@ -125,11 +127,16 @@ def _is_run_args(path: Path) -> bool:
 
 def _ours(entry: Path) -> bool:
     """What a training run writes into its folder: logs and marks, checkpoints, the model or adapter with its files."""
-    if entry.name in (ARGS_NAME, LOG_NAME, DONE_NAME, ".final-tmp"):
+    if entry.name in (ARGS_NAME, LOG_NAME, DONE_NAME, REFERENCE_NAME, ".final-tmp"):
         return True
     if entry.name == S.checkpoints_dir(entry.parent).name:
-        return entry.is_dir() and not entry.is_symlink()
+        return entry.is_dir() and not entry.is_symlink() and all(S.is_checkpoint_entry(p) for p in entry.iterdir())
     return output_file(entry)
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """What in a training run's folder this command did not write (names relative to the folder)."""
+    return [p.name for p in sorted(folder.iterdir()) if not _ours(p)] if folder.is_dir() else []
 
 
 @contextmanager
@@ -137,7 +144,7 @@ def _claimed(cfg: TrainConfig, d: D.Dist):
     """Create the output folder for the block, once data and model have loaded. With ``--overwrite`` the
     earlier run is moved aside, not deleted, until this one has finished: a run that fails late (NaN, a
     refused value, Ctrl-C) puts it back, so a refused run never costs the previous one."""
-    out = Path(cfg.output)
+    out = Path(os.path.realpath(cfg.output))  # through a link, the folder it names
     d.barrier()  # every rank has looked before rank 0 changes anything
     created = not out.exists()
     fresh = not cfg.resume and (created or not any(out.iterdir()))
@@ -309,7 +316,7 @@ def _args(cfg: TrainConfig, data_sha: str, template, d: D.Dist, total: int, n: i
 def _origin(cfg: TrainConfig, template: str | None) -> dict:
     """What a resumed run must start from as the first did: the model (a local folder by its absolute path) and the
     chat template's text (by hash: the same --chat-template-from can hold another template by then)."""
-    model = str(Path(cfg.model).absolute()) if Path(cfg.model).exists() else cfg.model
+    model = os.path.realpath(cfg.model) if Path(cfg.model).exists() else cfg.model
     return {"model": model, "template_sha256": None if template is None else hashlib.sha256(template.encode()).hexdigest()}
 
 

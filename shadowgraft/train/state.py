@@ -17,14 +17,24 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import ShadowgraftError
 from ..save import save_tensors
-from ..writer import OutputDir
+from ..writer import OutputDir, own_temporary
 from .dist import Dist
 
 _STEP = re.compile(r"^step-(\d+)$")
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 
 
 def checkpoints_dir(out: Path) -> Path:
     return out / "checkpoints"
+
+
+def is_checkpoint_entry(p: Path) -> bool:
+    """An entry of ``checkpoints/`` that ``save`` writes: a step folder holding only its three files (or a killed
+    save's leftovers, which the next save clears)."""
+    if own_temporary(p.name):
+        return True
+    return (bool(_STEP.match(p.name)) and p.is_dir() and not p.is_symlink()
+            and all(q.name in CHECKPOINT_FILES and q.is_file() for q in p.iterdir()))
 
 
 def latest(out: Path) -> Path | None:
