@@ -230,3 +230,10 @@ def test_dpo_refusals(pair, prefs, tmp_path):
     assert not (tmp_path / "o").exists()
     # SFT records neither objective nor beta among its hyper-parameters (runs made before DPO compare equal).
     assert {"objective", "beta"}.isdisjoint(TrainConfig(model="m", data="d", output="o").hyperparameters())
+
+
+def test_a_dpo_loss_that_overflows_names_beta_too(pair, prefs, tmp_path):
+    with pytest.raises(ShadowgraftError, match=r"(loss became nan at step 1;|weights became NaN/Inf by step 1 .*nothing was saved:) "
+                                               r"lower --lr \(now 1e-05\) or --beta \(now 1e\+308\)$"):
+        train(config=cfg(pair, prefs, tmp_path / "o", beta=1e308, max_steps=1, lr=1e-5))
+    assert not (tmp_path / "o").exists()

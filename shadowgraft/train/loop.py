@@ -247,7 +247,7 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
                            "lr": lr, "tokens_per_s": round(tok_sum / max(now - win_t, 1e-9), 1), **means}
                     last_loss = row["loss"]
                     if not math.isfinite(last_loss):
-                        raise ShadowgraftError(f"loss became {last_loss} at step {done}; lower --lr (now {cfg.learning_rate:g})")
+                        raise ShadowgraftError(f"loss became {last_loss} at step {done}; {_lower(cfg)}")
                     if d.main:
                         with open(log_path, "a") as f:
                             f.write(json.dumps(row) + "\n")
@@ -270,6 +270,11 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
         return result
 
 
+def _lower(cfg: TrainConfig) -> str:
+    """What to lower when the numbers blow up: the step size, and DPO's beta, which scales the loss's logits."""
+    return f"lower --lr (now {cfg.learning_rate:g})" + (f" or --beta (now {cfg.beta:g})" if cfg.objective == "dpo" else "")
+
+
 def _check_finite(model, d: D.Dist, step: int, cfg: TrainConfig) -> None:
     """Refuse to save weights that became NaN/Inf: the logged loss is measured before the last update, so a
     run can end with a finite loss and broken weights."""
@@ -280,7 +285,7 @@ def _check_finite(model, d: D.Dist, step: int, cfg: TrainConfig) -> None:
     everywhere = [n for names in d.gather(bad) for n in names]  # every rank's shard: all raise, none hangs
     if everywhere:
         raise ShadowgraftError(f"weights became NaN/Inf by step {step} ('{everywhere[0]}' and {len(set(everywhere)) - 1} more); "
-                               f"nothing was saved: lower --lr (now {cfg.learning_rate:g})")
+                               f"nothing was saved: {_lower(cfg)}")
 
 
 def _save_final(out: Path, cfg: TrainConfig, model, stored, tokenizer, template, d: D.Dist) -> None:
