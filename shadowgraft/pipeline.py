@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -37,11 +37,13 @@ class PipelineResult:
     trained: bool  # False when a finished training stage was reused
     url: str | None = None
     warnings: tuple[str, ...] = ()
+    nonfinite: dict = field(default_factory=dict)  # grafted tensor -> NaN/Inf count (written anyway without strict)
 
 
 def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike,
               alpha: float = 1.0, scope: str = "linear", max_sigma: float | None = None, push_to_hub: str | None = None,
-              private: bool = False, overwrite: bool = False, console: Console | None = None, **train_options) -> PipelineResult:
+              private: bool = False, overwrite: bool = False, strict: bool = False, console: Console | None = None,
+              **train_options) -> PipelineResult:
     """Fine-tune ``base`` on ``data`` and graft the change onto ``instruct``; ``train_options`` are ``TrainConfig`` fields.
 
     >>> shadow_ft(base="Qwen/Qwen3-4B-Base", instruct="Qwen/Qwen3-4B-Instruct-2507", data="math.jsonl",
@@ -114,9 +116,10 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
                            ("sigma_mean", "sigma_median", "sigma_max", "sigma_min", "sigma_weighted", "n_tensors")}},
         }
         kind = {"adapter": train_dir} if cfg.is_lora else {"base": base, "tuned": train_dir}
-        res = apply(instruct=instruct, output=out / "model", alpha=alpha, scope=scope, overwrite=True, push_to_hub=push_to_hub,
+        res = apply(instruct=instruct, output=out / "model", alpha=alpha, scope=scope, overwrite=True, strict=strict,
+                    push_to_hub=push_to_hub,
                     private=private, extra=record, **kind)
-        return PipelineResult(res.output, stages, sigma, trained, res.url, tuple(warnings))
+        return PipelineResult(res.output, stages, sigma, trained, res.url, tuple(warnings), dict(res.stats.nonfinite))
 
 
 def _foreign(out: Path) -> list[str]:

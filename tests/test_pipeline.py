@@ -14,7 +14,7 @@ from shadowgraft import ShadowgraftError
 from shadowgraft.cli import main
 from shadowgraft.pipeline import shadow_ft
 
-from .conftest import assert_exact, load
+from .conftest import assert_exact, load, run_cli
 from .tiny_lm import pair  # noqa: F401  (module fixture)
 from .tiny_lm import CHATML
 
@@ -228,3 +228,13 @@ def test_a_pair_that_differs_in_shape_is_refused_before_training(pair, tmp_path)
                             f"in shape), so {pair['base']} is not the base of {other} and nothing trained on it could be "
                             "grafted; check --base and --instruct")
     assert not (out / "stages" / "train").exists()
+
+
+def test_nan_in_the_graft_is_never_silent_and_strict_refuses_it(pair, tmp_path, capsys):
+    args = ["shadow-ft", "--base", pair["base"], "--instruct", pair["instruct"], "--data", pair["data"], "--max-steps", "1",
+            "--grad-accum", "1", "--batch-size", "4", "--alpha", "1e308", "-q", "--no-gradient-checkpointing"]
+    code, out, err = run_cli(capsys, *args, "-o", tmp_path / "a")
+    assert code == 0 and " ".join(err.split()).startswith("warning: NaN/Inf values in 14 grafted tensor(s): ")
+    code, out, err = run_cli(capsys, *args, "-o", tmp_path / "b", "--strict")
+    assert code == 1 and "NaN/Inf value(s) after grafting (14 tensor(s) affected)" in " ".join(err.split())
+    assert not (tmp_path / "b" / "model").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..display import err, out
+from ..display import err, out, shown
 from ..heap import imported
 from . import _common as check
 from ._common import MODEL_HELP
@@ -25,6 +25,7 @@ from .train import train_options
 @click.option("--push-to-hub", metavar="REPO_ID", callback=check.repo_id, help="Upload the grafted model to this Hub repo.")
 @click.option("--private", is_flag=True, help="Create the Hub repo as private.")
 @click.option("--overwrite", is_flag=True, help="Delete the run folder and start over (otherwise finished stages are reused).")
+@click.option("--strict", is_flag=True, help="Fail if any grafted value is NaN or Inf (as apply --strict).")
 @train_options
 def command(**kw) -> None:
     """Fine-tune BASE on the data, graft the change onto INSTRUCT, write a model card (and push)."""
@@ -39,5 +40,8 @@ def command(**kw) -> None:
         check_push_target(kw["push_to_hub"])
     quiet = kw.pop("quiet")
     res = shadow_ft(**kw, quiet=quiet, console=None if quiet else err)
+    if res.nonfinite:  # printed even with --quiet, as apply does: values that are not numbers are never silent
+        err.print(f"[yellow]warning:[/] NaN/Inf values in {len(res.nonfinite)} grafted tensor(s): "
+                  + shown(", ".join(f"{k} ({v})" for k, v in list(res.nonfinite.items())[:3])), emoji=False)
     if not quiet:
         out.print(f"grafted model in {res.model}" + (f"; pushed to {res.url}" if res.url else ""))
