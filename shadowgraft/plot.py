@@ -70,6 +70,6 @@ def plot(r, path: Path) -> Path:
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fmt_ = path.suffix.lower().lstrip(".")
-    reportfile.write(path, "plot", "--plot",
+    reportfile.write(path, "plot",
                      lambda tmp: fig.savefig(tmp, format=fmt_, metadata={"Creator": reportfile.PLOT_CREATOR}))
     return path

@@ -43,19 +43,19 @@ def is_ours(path: Path, kind: str) -> bool:
         return False
 
 
-def check_target(path: str | Path, kind: str, option: str) -> None:
-    """Refuse now a target that is not ours to replace (called before any work)."""
+def check_target(path: str | Path, kind: str) -> None:
+    """Refuse now a target that is not ours to replace (called before any work); ``kind`` is the option's name."""
     p = Path(path).expanduser()
     if (p.exists() or p.is_symlink()) and not (p.is_file() and not p.is_symlink() and is_ours(p, kind)):
-        raise ShadowgraftError(f"{path} exists and is not an earlier {option} report, so it is left alone; "
+        raise ShadowgraftError(f"{path} exists and is not an earlier --{kind} report, so it is left alone; "
                                "name a new file, or remove that one first")
 
 
-def write(path: str | Path, kind: str, option: str, fill: Callable[[str], None]) -> None:
+def write(path: str | Path, kind: str, fill: Callable[[str], None]) -> None:
     """Write the report through ``fill(temporary path)``, then move it over ``path``; on failure nothing changes."""
     p = Path(path).expanduser()
-    check_target(p, kind, option)  # again: the run took time, and the file may have appeared since
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".tmp{p.suffix}", dir=p.parent if str(p.parent) else ".")
+    check_target(p, kind)  # again: the run took time, and the file may have appeared since
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".tmp{p.suffix}", dir=p.parent)
     os.close(fd)
     try:
         fill(tmp)
@@ -69,12 +69,12 @@ def write(path: str | Path, kind: str, option: str, fill: Callable[[str], None])
             os.unlink(tmp)
 
 
-def write_text(path: str | Path, kind: str, option: str, text: str) -> None:
+def write_text(path: str | Path, kind: str, text: str) -> None:
     def fill(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
 
-    write(path, kind, option, fill)
+    write(path, kind, fill)
 
 
 def _umask() -> int:

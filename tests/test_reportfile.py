@@ -74,7 +74,7 @@ def test_two_options_naming_one_file_is_a_usage_error(trio, tmp_path, capsys):
 
 def test_a_failed_write_leaves_the_earlier_report_and_no_temporary_file(tmp_path):
     p = tmp_path / "r.json"
-    reportfile.write_text(p, "json", "--json", json.dumps({k: [] for k in ("a", "b", "summary", "tensors", "layers", "modules")}))
+    reportfile.write_text(p, "json", json.dumps({k: [] for k in ("a", "b", "summary", "tensors", "layers", "modules")}))
     before = p.read_bytes()
 
     def full_disk(tmp):
@@ -83,7 +83,7 @@ def test_a_failed_write_leaves_the_earlier_report_and_no_temporary_file(tmp_path
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with pytest.raises(ShadowgraftError) as e:
-        reportfile.write(p, "json", "--json", full_disk)
+        reportfile.write(p, "json", full_disk)
     assert str(e.value) == f"{p}: No space left on device; the report was not written and the earlier one is unchanged"
     assert p.read_bytes() == before
     assert [q.name for q in tmp_path.iterdir()] == ["r.json"]

@@ -51,13 +51,12 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
         raise click.UsageError("only one of --json and --csv can be '-' (stdout)")
     if close is not None and close > threshold:
         raise click.UsageError(f"--close must be a positive number no larger than --threshold ({threshold}), got {close}")
-    files = [(o, path, kind) for o, path, kind in (("--json", json_out, "json"), ("--csv", csv_out, "csv"),
-                                                    ("--plot", plot_out, "plot")) if path and path != "-"]
-    for i, (o, path, kind) in enumerate(files):
-        for o2, path2, _ in files[:i]:
+    files = [(kind, path) for kind, path in (("json", json_out), ("csv", csv_out), ("plot", plot_out)) if path and path != "-"]
+    for i, (kind, path) in enumerate(files):
+        for kind2, path2 in files[:i]:
             if os.path.abspath(os.path.expanduser(path)) == os.path.abspath(os.path.expanduser(path2)):
-                raise click.UsageError(f"{o2} and {o} name the same file, {path}; give each its own")
-        reportfile.check_target(path, kind, o)
+                raise click.UsageError(f"--{kind2} and --{kind} name the same file, {path}; give each its own")
+        reportfile.check_target(path, kind)
     if plot_out:
         check_plot(plot_out)
     # With '-' stdout carries exactly one document; everything human goes to stderr.
@@ -75,13 +74,12 @@ def command(a: str, b: str, tuned: str | None, json_out: str | None, csv_out: st
         report.print(con, by=by, top=top)
     elif report.summary.n_nonfinite:
         err.print(report.nonfinite_note(), emoji=False)  # never silent, even with --quiet
-    for dest, kind, option, text in ((json_out, "json", "--json", lambda: report.to_json() + "\n"),
-                                     (csv_out, "csv", "--csv", report.to_csv)):
+    for dest, kind, text in ((json_out, "json", lambda: report.to_json() + "\n"), (csv_out, "csv", report.to_csv)):
         if dest == "-":
             sys.stdout.write(text())
             sys.stdout.flush()
         elif dest:
-            reportfile.write_text(dest, kind, option, text())
+            reportfile.write_text(dest, kind, text())
             if not quiet:
                 con.print(f"wrote {shown(dest)}")
     if plot_out:
