@@ -19,6 +19,7 @@ from .compare import stats as compare
 from .errors import ShadowgraftError
 from .graft import apply
 from .synthetic import Shape, make_trio
+from .writer import listed
 
 MARK = "shadowgraft-demo.json"
 MADE = ("base", "instruct", "tuned", "grafted")  # everything a run creates under the work folder, besides MARK
@@ -59,9 +60,7 @@ def claim_workdir(root: Path) -> None:
         except (OSError, ValueError, KeyError, TypeError):
             made = None
         if not isinstance(made, list) or not set(made) <= set(MADE):
-            names = sorted(p.name for p in root.iterdir())
-            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            raise ShadowgraftError(f"{root}: holds {shown} and is not an earlier demo folder (no {MARK}), so the demo "
+            raise ShadowgraftError(f"{root}: holds {listed(sorted(p.name for p in root.iterdir()))} and is not an earlier demo folder (no {MARK}), so the demo "
                                    "leaves it alone; pass --workdir with a new or empty folder")
         for name in made:
             p = root / name

@@ -55,7 +55,7 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
     from .train.loop import DONE_NAME, train
     from .train.model import require_extra
     from .train.state import latest
-    from .writer import check_output_path, replacing
+    from .writer import check_output_path, listed, replacing
 
     check_output_path(output, inputs=[base, instruct, data])
     out = Path(os.path.realpath(output)) if Path(output).is_symlink() else Path(output)  # a link: the folder it names
@@ -70,7 +70,7 @@ def shadow_ft(*, base: str | os.PathLike, instruct: str | os.PathLike, data: str
                                "choose another --output")
     foreign = _foreign(out)
     if foreign:
-        raise ShadowgraftError(f"{out}: holds {', '.join(foreign[:4])}{' and more' if len(foreign) > 4 else ''}, which "
+        raise ShadowgraftError(f"{out}: holds {listed(foreign)}, which "
                                "shadow-ft does not write, so it is not a shadow-ft run folder to reuse or replace; "
                                "move them out first, or choose another --output")
     train_dir = stages / "train"

@@ -125,7 +125,8 @@ def output_file(entry: Path) -> bool:
     return not entry.name.startswith(".") and any(fnmatch.fnmatchcase(entry.name, pat) for pat in _OUR_FILES)
 
 
-def _listed(names: list[str]) -> str:
+def listed(names: list[str]) -> str:
+    """Up to four names, and how many more: for a message naming what a folder holds."""
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
@@ -273,7 +274,7 @@ class OutputDir:
         names = sorted(p.name for p in self.final.iterdir())
         if names and not (self.final / self.marker).is_file():
             raise ShadowgraftError(
-                f"{self.final}: holds {_listed(names)} but no {self.marker}, so it is not an earlier shadowgraft output and "
+                f"{self.final}: holds {listed(names)} but no {self.marker}, so it is not an earlier shadowgraft output and "
                 "--overwrite will not replace it; choose another --output, or empty or remove it yourself"
             )
         if self.marker == RECORD_NAME:
@@ -282,7 +283,7 @@ class OutputDir:
             foreign = [n for n in names if not output_file(self.final / n)]
             if foreign:
                 raise ShadowgraftError(
-                    f"{self.final}: an earlier shadowgraft output, but it also holds {_listed(foreign)}, which "
+                    f"{self.final}: an earlier shadowgraft output, but it also holds {listed(foreign)}, which "
                     "shadowgraft did not write; --overwrite will not delete them: move them out first, or choose another --output"
                 )
 

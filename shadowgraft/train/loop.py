@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 
 from ..errors import ShadowgraftError
-from ..writer import check_output_path, output_file, replacing
+from ..writer import check_output_path, listed, output_file, replacing
 from . import dist as D
 from . import objective as O
 from . import state as S
@@ -110,9 +110,9 @@ def _check_output(cfg: TrainConfig) -> Path | None:
     elif busy:
         foreign = foreign_files(out)
         if foreign:
-            raise ShadowgraftError(f"{out}: an earlier training run, but it also holds {', '.join(foreign[:4])}"
-                                   f"{' and more' if len(foreign) > 4 else ''}, which shadowgraft did not write; "
-                                   "--overwrite will not delete them: move them out first, or choose another --output")
+            raise ShadowgraftError(f"{out}: an earlier training run, but it also holds {listed(foreign)}, which shadowgraft "
+                                   "did not write; --overwrite will not delete them: move them out first, or choose another "
+                                   "--output")
     return ckpt
 
 
@@ -200,9 +200,10 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total=total, warmup=warmup))
 
         data_sha = sha256_file(cfg.data)
+        origin = _origin(cfg, template)
         start = 0
         if ckpt is not None:
-            _check_same_run(ckpt, meta, cfg, data_sha, d, _origin(cfg, template))
+            _check_same_run(ckpt, meta, cfg, data_sha, d, origin)
             S.load_optimizer(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, d=d, meta=meta)
             start = meta["step"]
         log_path = out / LOG_NAME
@@ -257,7 +258,7 @@ def _run(cfg: TrainConfig, d: D.Dist, console: Console | None) -> TrainResult:
                     win_t = now
                 if cfg.save_every and done % cfg.save_every == 0 and done < total:
                     S.save(out, step=done, model=model, optimizer=optimizer, scheduler=scheduler, d=d,
-                           extra={"data_sha256": data_sha, "hyperparameters": cfg.hyperparameters(), **_origin(cfg, template)})
+                           extra={"data_sha256": data_sha, "hyperparameters": cfg.hyperparameters(), **origin})
 
         _check_finite(model, d, total, cfg)
         _save_final(out, cfg, model, stored, tokenizer, template, d)
