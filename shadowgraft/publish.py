@@ -125,32 +125,30 @@ def check_folder(path: Path) -> set[str]:
     report = verify(path, full=False)
     if report.problems:
         raise ShadowgraftError(f"not pushed: {report.problems[0]}")
-    names = {p.name for p in path.iterdir()}
-    if not names & {"config.json", "adapter_config.json"} and (read_record(path) or {}).get("kind") != "delta":
+    if not {"config.json", "adapter_config.json"} & {p.name for p in path.iterdir()} \
+            and (read_record(path) or {}).get("kind") != "delta":
         raise ShadowgraftError(f"not pushed: {path} has no config.json (nor adapter_config.json), so the Hub copy "
                                "could not be loaded; copy the config of the model it came from into the folder")
-    files = {n for n in names if not n.startswith(".") and (path / n).is_file()}
-    # The one sub-folder a checkpoint has: transformers reads extra chat templates from it (apply copies them).
-    return files | {f"{CHAT_TEMPLATE_DIR}/{p.name}" for p in _templates(path)}
+    return {rel for rel, sent in _entries(path) if sent}
 
 
-def _templates(path: Path) -> list[Path]:
-    folder = path / CHAT_TEMPLATE_DIR
-    if not folder.is_dir() or folder.is_symlink():
-        return []
-    return [p for p in folder.iterdir() if p.suffix == ".jinja" and not p.name.startswith(".") and p.is_file()]
+def _entries(path: Path) -> list[tuple[str, bool]]:
+    """Every entry a push looks at, by relative name (a folder's ends in /), and whether it is sent: the folder's own
+    visible regular files, and the chat templates in the one sub-folder a checkpoint has (transformers reads
+    extra templates there; apply copies them)."""
+    out = []
+    for e in path.iterdir():
+        if e.name == CHAT_TEMPLATE_DIR and e.is_dir() and not e.is_symlink():
+            out += [(f"{e.name}/{t.name}", t.suffix == ".jinja" and not t.name.startswith(".") and t.is_file())
+                    for t in e.iterdir()]
+        else:
+            out.append((e.name + ("/" if e.is_dir() else ""), not e.name.startswith(".") and e.is_file()))
+    return out
 
 
 def left_out(path: str | os.PathLike) -> list[str]:
     """What ``push`` does not upload from ``path``: hidden entries and sub-folders (a folder's name ends in /)."""
-    p = Path(path).expanduser()
-    out = [e.name + ("/" if e.is_dir() else "") for e in p.iterdir()
-           if e.name.startswith(".") or e.is_dir() and e.name != CHAT_TEMPLATE_DIR]
-    kept = set(_templates(p))
-    tpl = p / CHAT_TEMPLATE_DIR
-    if tpl.is_dir():
-        out += [f"{CHAT_TEMPLATE_DIR}/{e.name}" for e in tpl.iterdir() if e not in kept]
-    return sorted(out)
+    return sorted(rel for rel, sent in _entries(Path(path).expanduser()) if not sent)
 
 
 def _default_message(path: Path) -> str:
