@@ -283,7 +283,7 @@ def _untargeted(config: dict, module: str) -> str | None:
     if tm not in (None, "all-linear") and not lora_params.in_target_modules(config, module):
         return f"target_modules {tm!r} does not name it"
     ex = config.get("exclude_modules")
-    if ex and (re.fullmatch(ex, module) if isinstance(ex, str) else any(module == e or module.endswith("." + e) for e in ex)):
+    if ex and lora_params.names_module(ex, module):
         return f"exclude_modules {ex!r} names it"
     layers = config.get("layers_to_transform")
     exact = isinstance(tm, list) and module in tm  # PEFT applies no layer rule to a module named in full

@@ -92,12 +92,18 @@ def params_of(config: dict, module: str) -> list[str]:
 def in_target_modules(config: dict, module: str) -> bool:
     """Whether ``target_modules`` (a list of suffixes or one regex) names ``module``, as PEFT checks it."""
     tm = config.get("target_modules")
-    if isinstance(tm, str):
+    return tm != "all-linear" and names_module(tm, module)
+
+
+def names_module(spec, module: str) -> bool:
+    """Whether a PEFT module spec (``target_modules``, ``exclude_modules``: a list of name suffixes, or one regex
+    matched whole) names ``module``."""
+    if isinstance(spec, str):
         try:
-            return tm != "all-linear" and re.fullmatch(tm, module) is not None
+            return re.fullmatch(spec, module) is not None
         except re.error:  # PEFT could not have used it either; the keys decide
             return False
-    return any(module == t or module.endswith("." + t) for t in tm or [])
+    return any(module == t or module.endswith("." + t) for t in spec or [])
 
 
 def probe(mod: Wrapped, names: Mapping[str, TensorInfo]) -> str | None:
