@@ -138,8 +138,9 @@ def verdict(s: Summary, rows: list[TensorRow], k: int = 3) -> str:
     if many and s.basis == "block":
         lang = any(r.tower == "language" and r.layer is not None for r in rows)
         what = "sigma_mean of the language model" if lang else "sigma_mean over every tower's blocks"
+    by_layer = group_rows(rows, by="layer")
     # Only measured groups can be "most divergent": a group whose every tensor holds NaN/Inf has no sigma.
-    layers = sorted((g for g in group_rows(rows, by="layer") if math.isfinite(g.sigma_mean)),
+    layers = sorted((g for g in by_layer if math.isfinite(g.sigma_mean)),
                     key=lambda g: -g.sigma_mean)[:k]
     mods = sorted((g for g in group_rows(rows, by="module") if g.family in ("attn", "mlp", "norm") and math.isfinite(g.sigma_mean)),
                   key=lambda g: -g.sigma_mean)[:k]
@@ -149,7 +150,7 @@ def verdict(s: Summary, rows: list[TensorRow], k: int = 3) -> str:
     if mods:
         where.append("modules " + ", ".join(f"{g.key} ({g.sigma_mean:.4f})" for g in mods))
     most = f"; most divergent: {'; '.join(where)}" if where else ""
-    over = [g for g in group_rows(rows, by="layer") if _nz(g.sigma_mean) >= s.threshold]
+    over = [g for g in by_layer if _nz(g.sigma_mean) >= s.threshold]
     warn = f"; but {len(over)} layer(s) are over {s.threshold:g}" if over else ""
     if s.band == "close":
         head = (f"graftable: {what} {s.sigma_mean:.4f} is under {s.close:g}, close siblings "
